@@ -1,0 +1,7 @@
+"""`python -m agnostos` runs the `agnostos` command."""
+
+import sys
+
+from agnostos.cli import main
+
+sys.exit(main())

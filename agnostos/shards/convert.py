@@ -1,0 +1,399 @@
+"""RLBench episode folders -> WebDataset shards, deterministic and resumable.
+
+Episodes are converted in a fixed order (task, variation folder, episode number) and
+written by one process, so shard contents and boundaries depend only on the input, never
+on `workers`: workers only read and validate episodes in parallel. A shard is written to
+`<name>.tmp`, fsynced and renamed; after each rename the progress file records the
+finished shards and where to restart. A run killed at any point and started again with
+the same arguments therefore finishes with byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from tqdm import tqdm
+
+from agnostos import __version__
+from agnostos.atomic import TMP_SUFFIX, atomic_write_json, fsync_directory
+from agnostos.shards.codecs import PngError, check_png
+from agnostos.shards.episode import CAMERAS, MODALITIES
+from agnostos.shards.folders import EpisodeError, EpisodeLocation, discover_episodes, read_episode
+from agnostos.shards.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ShardEntry,
+    ShardEpisode,
+    SkippedEpisode,
+)
+from agnostos.shards.pickles import PickleReadError, PickleRefusedError
+from agnostos.shards.samples import episode_to_sample, frame_ext, iter_frame_fields
+from agnostos.shards.tar import TarStreamWriter, member_size
+
+PROGRESS_NAME = "convert-progress.json"
+SHARD_PATTERN = "shard-{index:06d}.tar"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+class ConvertError(RuntimeError):
+    """Conversion stopped; the message names the episode and file (or the option) at fault."""
+
+
+def parse_size(text: str) -> int:
+    """'1GB' -> 10**9, '512MiB' -> 2**29, '1000' -> 1000 bytes."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise ValueError(f"cannot parse size {text!r}; use e.g. 1GB, 500MB, 2GiB")
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    scale = 1024 ** "bkmgt".index(unit[0]) if unit.endswith("ib") else _UNITS[unit.rstrip("b")]
+    size = int(number * scale)
+    if size <= 0:
+        raise ValueError(f"size must be positive: {text!r}")
+    return size
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    tasks: tuple[str, ...] | None = None
+    cameras: tuple[str, ...] = CAMERAS
+    modalities: tuple[str, ...] = MODALITIES
+    shard_size: int = 10**9
+    on_error: str = "fail"
+
+    def __post_init__(self) -> None:
+        if self.on_error not in ("fail", "skip"):
+            raise ValueError(f"--on-error must be 'fail' or 'skip', not {self.on_error!r}")
+        bad = [modality for modality in self.modalities if modality not in MODALITIES]
+        if bad:
+            raise ValueError(f"unknown modality {bad[0]!r}; choose from {list(MODALITIES)}")
+        if not self.cameras or not self.modalities:
+            raise ValueError("at least one camera and one modality are needed")
+
+    def output_defining(self) -> dict[str, Any]:
+        """The options that decide the output bytes (on_error only decides what is skipped)."""
+        return {key: value for key, value in asdict(self).items()}
+
+
+# -- per-episode work (runs in worker processes) ----------------------------------------
+
+
+@dataclass
+class EncodedEpisode:
+    """A validated episode ready to be written: its sample and its manifest entry."""
+
+    entry: ShardEpisode
+    sample: dict[str, Any]
+    image_size: tuple[int, int]
+    tar_bytes: int
+
+
+@dataclass
+class FailedEpisode:
+    source: str
+    reason: str
+
+
+def encode_episode(
+    location: EpisodeLocation, cameras: Sequence[str], modalities: Sequence[str]
+) -> EncodedEpisode | FailedEpisode:
+    """Read, validate and serialise one episode; failures come back as values, not raises."""
+    try:
+        episode = read_episode(location, cameras, modalities)
+        frames: dict[str, bytes] = {}
+        image_size: tuple[int, int] | None = None
+        for camera, modality, index in iter_frame_fields(episode):
+            path = episode.frames.path(camera, modality, index)
+            with open(path, "rb") as handle:
+                data = handle.read()
+            try:
+                size = check_png(data)
+            except PngError as err:
+                raise EpisodeError(f"{path}: {err}") from None
+            if image_size is None:
+                image_size = size
+            elif size != image_size:
+                raise EpisodeError(f"{path}: image is {size}, other frames are {image_size}")
+            frames[frame_ext(camera, modality, index)] = data
+        sample = episode_to_sample(episode, image_size, frames)
+    except (PickleReadError, PickleRefusedError, OSError, ValueError, KeyError, TypeError) as err:
+        # EpisodeError is a ValueError; other ValueErrors/TypeErrors come from malformed
+        # pickle contents. Name the episode folder when the message does not already.
+        message = str(err) if str(location.path) in str(err) else f"{location.path}: {err}"
+        return FailedEpisode(location.relative, message)
+    entry = ShardEpisode(
+        key=episode.key,
+        task=episode.task,
+        variation=episode.variation,
+        episode=episode.episode,
+        frames=episode.num_frames,
+        source=episode.source,
+    )
+    tar_bytes = sum(
+        member_size(len(value)) for key, value in sample.items() if not key.startswith("_")
+    )
+    return EncodedEpisode(entry, sample, image_size, tar_bytes)
+
+
+def _ordered_map(
+    function: Callable[..., Any], items: Sequence[Any], workers: int, *args: Any
+) -> Iterator[Any]:
+    """`map` in input order with at most 2*workers results in flight (bounded memory)."""
+    if workers <= 1:
+        for item in items:
+            yield function(item, *args)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        pending: deque[Future] = deque()
+        iterator = iter(items)
+        for item in iterator:
+            pending.append(pool.submit(function, item, *args))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            result = pending.popleft().result()
+            for item in iterator:
+                pending.append(pool.submit(function, item, *args))
+                break
+            yield result
+
+
+# -- shard writing ------------------------------------------------------------------------
+
+
+class _HashingFile:
+    """File wrapper that counts and hashes everything written through it."""
+
+    def __init__(self, handle: BinaryIO):
+        self.handle = handle
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.handle.write(data)
+
+
+class _OpenShard:
+    """A shard being written under its temporary name."""
+
+    def __init__(self, directory: Path, index: int):
+        self.name = SHARD_PATTERN.format(index=index)
+        self.final = directory / self.name
+        self.tmp = directory / (self.name + TMP_SUFFIX)
+        self._handle = open(self.tmp, "wb")  # noqa: SIM115 (open until finish())
+        self._hashing = _HashingFile(self._handle)
+        self._tar = TarStreamWriter(self._hashing)
+        self.episodes: list[ShardEpisode] = []
+        self.payload = 0
+
+    def write(self, encoded: EncodedEpisode) -> None:
+        self._tar.add_sample(encoded.sample)
+        self.episodes.append(encoded.entry)
+        self.payload += encoded.tar_bytes
+
+    def finish(self) -> ShardEntry:
+        self._tar.close()
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        os.replace(self.tmp, self.final)
+        fsync_directory(self.final.parent)
+        return ShardEntry(
+            self.name, self._hashing.bytes, self._hashing.sha256.hexdigest(), tuple(self.episodes)
+        )
+
+
+# -- progress and resume ------------------------------------------------------------------
+
+
+@dataclass
+class _Progress:
+    """What is durably done: finished shards, skips before the restart point, where to go on."""
+
+    fingerprint: str
+    next_episode: int = 0
+    image_size: tuple[int, int] | None = None
+    shards: list[ShardEntry] = field(default_factory=list)
+    skipped: list[SkippedEpisode] = field(default_factory=list)
+
+    def save(self, directory: Path) -> None:
+        atomic_write_json(directory / PROGRESS_NAME, asdict(self))
+
+    @classmethod
+    def load(cls, path: Path) -> _Progress:
+        data = json.loads(path.read_text())
+        return cls(
+            fingerprint=data["fingerprint"],
+            next_episode=data["next_episode"],
+            image_size=tuple(data["image_size"]) if data["image_size"] else None,
+            shards=[
+                ShardEntry(
+                    shard["name"],
+                    shard["bytes"],
+                    shard["sha256"],
+                    tuple(ShardEpisode(**episode) for episode in shard["episodes"]),
+                )
+                for shard in data["shards"]
+            ],
+            skipped=[SkippedEpisode(**item) for item in data["skipped"]],
+        )
+
+
+def _fingerprint(options: ConvertOptions, locations: Sequence[EpisodeLocation]) -> str:
+    """Identifies a conversion: the output-defining options and the exact episode list."""
+    payload = json.dumps(
+        {"options": options.output_defining(), "episodes": [loc.relative for loc in locations]},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _resume_state(out: Path, fingerprint: str) -> _Progress:
+    progress_path = out / PROGRESS_NAME
+    if not progress_path.exists():
+        return _Progress(fingerprint)
+    progress = _Progress.load(progress_path)
+    if progress.fingerprint != fingerprint:
+        raise ConvertError(
+            f"{progress_path}: an unfinished conversion with different options or input is "
+            "in this folder; finish it with its original arguments or use a new output folder"
+        )
+    for shard in progress.shards:
+        path = out / shard.name
+        if not path.exists() or path.stat().st_size != shard.bytes:
+            raise ConvertError(
+                f"{path}: finished shard is missing or changed size since it was written"
+            )
+    return progress
+
+
+def _remove_partial_shards(out: Path) -> None:
+    for stale in out.glob("shard-*.tar" + TMP_SUFFIX):
+        stale.unlink()
+
+
+# -- the conversion -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    manifest: Manifest
+    converted_now: int
+    resumed_from: int
+    already_complete: bool = False
+
+
+def convert(
+    src: str | Path,
+    out: str | Path,
+    options: ConvertOptions = ConvertOptions(),
+    workers: int = 1,
+    show_progress: bool = True,
+) -> ConvertResult:
+    """Convert every episode under `src` into shards in `out` (see the module docstring)."""
+    src, out = Path(src).resolve(), Path(out)
+    locations = discover_episodes(src, options.tasks)
+    if not locations:
+        raise ConvertError(f"{src}: no episodes found")
+    fingerprint = _fingerprint(options, locations)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if (out / MANIFEST_NAME).exists():
+        manifest = Manifest.load(out)
+        if manifest.fingerprint != fingerprint:
+            raise ConvertError(
+                f"{out / MANIFEST_NAME}: this folder already holds shards converted with other "
+                "options or input; choose a new output folder"
+            )
+        return ConvertResult(manifest, 0, len(locations), already_complete=True)
+
+    progress = _resume_state(out, fingerprint)
+    _remove_partial_shards(out)
+    start = progress.next_episode
+    pending_skips: list[SkippedEpisode] = []
+    shard: _OpenShard | None = None
+    converted = 0
+    bar = tqdm(
+        total=len(locations), initial=start, unit="ep", disable=not show_progress, smoothing=0.1
+    )
+    started, written = time.monotonic(), 0
+
+    def close_shard(next_episode: int) -> None:
+        nonlocal shard
+        progress.shards.append(shard.finish())
+        progress.skipped.extend(pending_skips)
+        pending_skips.clear()
+        progress.next_episode = next_episode
+        progress.save(out)
+        shard = None
+
+    try:
+        results = _ordered_map(
+            encode_episode, locations[start:], workers, options.cameras, options.modalities
+        )
+        for position, result in enumerate(results, start=start):
+            if isinstance(result, EncodedEpisode) and progress.image_size not in (
+                None,
+                result.image_size,
+            ):
+                result = FailedEpisode(
+                    result.entry.source,
+                    f"{result.entry.source}: images are {result.image_size[0]}x"
+                    f"{result.image_size[1]}, the dataset's are {progress.image_size[0]}x"
+                    f"{progress.image_size[1]}",
+                )
+            if isinstance(result, FailedEpisode):
+                if options.on_error == "fail":
+                    raise ConvertError(f"episode {result.source}: {result.reason}")
+                pending_skips.append(SkippedEpisode(result.source, result.reason))
+                bar.write(f"skipped {result.source}: {result.reason}")
+            else:
+                progress.image_size = result.image_size
+                if shard is not None and shard.payload + result.tar_bytes > options.shard_size:
+                    close_shard(position)
+                if shard is None:
+                    shard = _OpenShard(out, len(progress.shards))
+                shard.write(result)
+                converted += 1
+                written += result.tar_bytes
+            bar.update(1)
+            elapsed = max(time.monotonic() - started, 1e-9)
+            bar.set_postfix_str(f"{written / elapsed / 1e6:.1f} MB/s", refresh=False)
+        if shard is not None:
+            close_shard(len(locations))
+    finally:
+        bar.close()
+
+    progress.skipped.extend(pending_skips)
+    manifest = Manifest(
+        source=str(src),
+        options=options.output_defining(),
+        fingerprint=fingerprint,
+        cameras=options.cameras,
+        modalities=options.modalities,
+        image_size=progress.image_size,
+        shards=tuple(progress.shards),
+        skipped=tuple(progress.skipped),
+        created_by=f"agnostos {__version__}",
+    )
+    manifest.save(out)
+    (out / PROGRESS_NAME).unlink(missing_ok=True)
+    return ConvertResult(manifest, converted, start)
+
+
+def shard_urls(out: str | Path) -> list[str]:
+    """Local paths of a converted dataset's shards, in order."""
+    manifest = Manifest.load(out)
+    return [str(Path(out) / shard.name) for shard in manifest.shards]

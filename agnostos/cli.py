@@ -81,7 +81,7 @@ def _shards_convert(args: argparse.Namespace) -> int:
     except (ConvertError, ValueError, FileNotFoundError) as err:
         print(f"agnostos shards convert: error: {err}", file=sys.stderr)
         return 1
-    totals = result.manifest.to_json()["totals"]
+    totals = result.manifest.totals
     if result.already_complete:
         print(f"{args.out}: already complete ({totals['episodes']} episodes); nothing to do")
     else:

@@ -80,9 +80,9 @@ class ConvertOptions:
         if not self.cameras or not self.modalities:
             raise ValueError("at least one camera and one modality are needed")
 
-    def output_defining(self) -> dict[str, Any]:
-        """The options that decide the output bytes (on_error only decides what is skipped)."""
-        return {key: value for key, value in asdict(self).items()}
+    def as_json(self) -> dict[str, Any]:
+        """The options as plain JSON values (as stored in the manifest)."""
+        return json.loads(json.dumps(asdict(self)))
 
 
 # -- per-episode work (runs in worker processes) ----------------------------------------
@@ -254,7 +254,7 @@ class _Progress:
 def _fingerprint(options: ConvertOptions, locations: Sequence[EpisodeLocation]) -> str:
     """Identifies a conversion: the output-defining options and the exact episode list."""
     payload = json.dumps(
-        {"options": options.output_defining(), "episodes": [loc.relative for loc in locations]},
+        {"options": options.as_json(), "episodes": [loc.relative for loc in locations]},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()
@@ -379,7 +379,7 @@ def convert(
     progress.skipped.extend(pending_skips)
     manifest = Manifest(
         source=str(src),
-        options=options.output_defining(),
+        options=options.as_json(),
         fingerprint=fingerprint,
         cameras=options.cameras,
         modalities=options.modalities,

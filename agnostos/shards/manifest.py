@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,6 @@ class Manifest:
     created_by: str = ""
     format: str = MANIFEST_FORMAT
     version: int = MANIFEST_VERSION
-    totals: dict[str, Any] = field(default_factory=dict)
 
     @property
     def episodes(self) -> list[ShardEpisode]:
@@ -75,16 +74,20 @@ class Manifest:
             entry["frames"] += episode.frames
         return counts
 
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["tasks"] = self.task_counts()
-        data["totals"] = {
+    @property
+    def totals(self) -> dict[str, int]:
+        return {
             "shards": len(self.shards),
             "episodes": len(self.episodes),
             "frames": sum(episode.frames for episode in self.episodes),
             "bytes": sum(shard.bytes for shard in self.shards),
             "skipped": len(self.skipped),
         }
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["tasks"] = self.task_counts()
+        data["totals"] = self.totals
         return data
 
     @classmethod
@@ -112,7 +115,6 @@ class Manifest:
             shards=shards,
             skipped=tuple(SkippedEpisode(**item) for item in data["skipped"]),
             created_by=data.get("created_by", ""),
-            totals=data.get("totals", {}),
         )
 
     def save(self, directory: str | Path) -> Path:

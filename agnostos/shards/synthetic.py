@@ -153,7 +153,8 @@ def write_synthetic_episode(root: str | Path, spec: SyntheticSpec) -> Path:
                 "misc": misc,
             }
         )
-    descriptions = [text.format(colour=colour) for text in DESCRIPTIONS[spec.task]]
+    templates = DESCRIPTIONS.get(spec.task, [f"{spec.task.replace('_', ' ')} ({{colour}})"])
+    descriptions = [text.format(colour=colour) for text in templates]
     folder = Path(root) / spec.task / "all_variations" / "episodes" / f"episode{spec.episode}"
     return write_episode_folder(
         folder, observations, images, descriptions, spec.variation, legacy_rng.get_state()

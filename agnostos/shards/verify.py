@@ -162,7 +162,7 @@ def verify(directory: str | Path, workers: int = 1) -> VerifyReport:
 
 def format_info(manifest: Manifest) -> str:
     """A human summary: tasks, episodes, frames, bytes, cameras."""
-    totals = manifest.to_json()["totals"]
+    totals = manifest.totals
     lines = [
         f"source      {manifest.source}",
         f"shards      {totals['shards']}  ({totals['bytes'] / 1e9:.3f} GB)",

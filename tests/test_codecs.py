@@ -74,14 +74,20 @@ def test_check_png_accepts_real_frames_and_reports_size(sample_root):
     assert codecs.check_png(path.read_bytes()) == (128, 128)
 
 
-def test_check_png_rejects_truncated_and_corrupt_files():
+@pytest.mark.parametrize("check", [codecs.check_png, codecs.check_png_crc])
+def test_png_checks_reject_truncated_and_foreign_files(check):
     data = codecs.encode_png(np.full((8, 8, 3), 7, np.uint8))
-    assert codecs.check_png(data) == (8, 8)
-    with pytest.raises(codecs.PngError, match="truncated"):
-        codecs.check_png(data[:-5])
-    flipped = bytearray(data)
-    flipped[40] ^= 0xFF
-    with pytest.raises(codecs.PngError, match="CRC"):
-        codecs.check_png(bytes(flipped))
+    assert check(data) == (8, 8)
+    for cut in (5, 12, len(data) // 2):
+        with pytest.raises(codecs.PngError, match="truncated"):
+            check(data[:-cut])
     with pytest.raises(codecs.PngError, match="not a PNG"):
-        codecs.check_png(b"GIF89a" + data)
+        check(b"GIF89a" + data)
+
+
+def test_crc_check_finds_a_flipped_bit_that_the_fast_check_lets_through():
+    data = bytearray(codecs.encode_png(np.arange(192, dtype=np.uint8).reshape(8, 8, 3)))
+    data[40] ^= 0x01
+    assert codecs.check_png(bytes(data)) == (8, 8)
+    with pytest.raises(codecs.PngError, match="CRC"):
+        codecs.check_png_crc(bytes(data))

@@ -68,3 +68,21 @@ def test_demo_main_job_converts_and_verifies(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "verify: OK" in out and "episodes    4" in out
     assert (tmp_path / "demo/shards/manifest.json").exists()
+
+
+def test_verify_finds_a_corrupt_png_inside_a_sample(synthetic_root, tmp_path, capsys):
+    """A bit flip in a source PNG passes conversion's fast check; verify's CRC catches it."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(synthetic_root, src)
+    png = src / "push_block/all_variations/episodes/episode2/front_rgb/3.png"
+    data = bytearray(png.read_bytes())
+    data[45] ^= 0x01
+    png.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    convert(src, out, show_progress=False)
+    assert cli(["shards", "verify", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "sample 'push_block/all_variations/episode2': front_rgb.3.png does not decode" in err
+    assert "CRC mismatch" in err

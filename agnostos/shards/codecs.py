@@ -95,13 +95,25 @@ def png_size(data: bytes) -> tuple[int, int]:
     return height, width
 
 
-def check_png(data: bytes) -> tuple[int, int]:
-    """Validate a PNG's chunk structure and CRCs without inflating it; return (height, width).
+IEND_CHUNK = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
-    This catches truncated and bit-flipped files at a few microseconds per frame, which
-    is what lets conversion copy bytes unchanged at disk speed. Full decoding is left to
-    `agnostos shards verify`.
+
+def check_png(data: bytes) -> tuple[int, int]:
+    """Cheap structural check used while converting; returns (height, width).
+
+    Signature, IHDR and a complete IEND chunk as the very last 12 bytes: a truncated file
+    (or one with bytes appended) fails, in about a microsecond, so conversion can copy
+    PNGs at disk speed. Bit-level corruption inside the image data is what
+    `check_png_crc` and the full decode in `agnostos shards verify` catch.
     """
+    size = png_size(data)
+    if not data.endswith(IEND_CHUNK):
+        raise PngError("truncated PNG: the file does not end with an IEND chunk")
+    return size
+
+
+def check_png_crc(data: bytes) -> tuple[int, int]:
+    """Full chunk walk: every chunk's length and CRC, ending at IEND; returns (height, width)."""
     size = png_size(data)
     position = len(PNG_SIGNATURE)
     end = len(data)

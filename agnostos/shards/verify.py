@@ -14,7 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agnostos.shards.codecs import decode_png
+from agnostos.shards.codecs import check_png_crc, decode_png
 from agnostos.shards.episode import OFFSETS_SUFFIX
 from agnostos.shards.keyframes import discover_keyframes
 from agnostos.shards.manifest import Manifest, ShardEntry, duplicate_keys
@@ -118,7 +118,9 @@ def verify_shard(
                 for modality in episode.modalities:
                     for index in range(episode.num_frames):
                         try:
-                            pixels = decode_png(episode.png(camera, modality, index))
+                            data = episode.png(camera, modality, index)
+                            check_png_crc(data)
+                            pixels = decode_png(data)
                         except Exception as err:
                             report.faults.append(
                                 f"{where}: {frame_ext(camera, modality, index)} does not decode"

@@ -111,9 +111,8 @@ def encode_episode(
         episode = read_episode(location, cameras, modalities)
         frames: dict[str, bytes] = {}
         image_size: tuple[int, int] | None = None
-        folder = str(episode.frames.root)
         for camera, modality, index in iter_frame_fields(episode):
-            path = f"{folder}/{camera}_{modality}/{index}.png"  # str: pathlib costs ~10 us/frame
+            path = episode.frames.path(camera, modality, index)
             with open(path, "rb") as handle:
                 data = handle.read()
             try:
@@ -210,6 +209,11 @@ class _OpenShard:
         fsync_directory(self.final.parent)
         return ShardEntry(self.name, self.bytes, self._sha256.hexdigest(), tuple(self.episodes))
 
+    def abandon(self) -> None:
+        """Stop writing after a failure; the `.tmp` file is removed by the next run."""
+        self._thread.shutdown(wait=True, cancel_futures=True)
+        self._handle.close()
+
     def _write_trailer(self) -> None:
         while self._pending:
             self._pending.popleft().result()
@@ -240,15 +244,7 @@ class _Progress:
             fingerprint=data["fingerprint"],
             next_episode=data["next_episode"],
             image_size=tuple(data["image_size"]) if data["image_size"] else None,
-            shards=[
-                ShardEntry(
-                    shard["name"],
-                    shard["bytes"],
-                    shard["sha256"],
-                    tuple(ShardEpisode(**episode) for episode in shard["episodes"]),
-                )
-                for shard in data["shards"]
-            ],
+            shards=[ShardEntry.from_json(shard) for shard in data["shards"]],
             skipped=[SkippedEpisode(**item) for item in data["skipped"]],
         )
 
@@ -377,6 +373,8 @@ def convert(
             close_shard(len(locations))
     finally:
         bar.close()
+        if shard is not None:  # only after an error: a finished run closed its last shard
+            shard.abandon()
 
     progress.skipped.extend(pending_skips)
     manifest = Manifest(

@@ -43,11 +43,13 @@ class FolderFrames:
 
     root: Path
 
-    def path(self, camera: str, modality: str, index: int) -> Path:
-        return self.root / f"{camera}_{modality}" / f"{index}.png"
+    def path(self, camera: str, modality: str, index: int) -> str:
+        # A plain string: building ~90k pathlib paths per GB showed up in conversion profiles.
+        return f"{self.root}/{camera}_{modality}/{index}.png"
 
     def read(self, camera: str, modality: str, index: int) -> bytes:
-        return self.path(camera, modality, index).read_bytes()
+        with open(self.path(camera, modality, index), "rb") as handle:
+            return handle.read()
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,15 @@ class ShardEntry:
     sha256: str
     episodes: tuple[ShardEpisode, ...]
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ShardEntry:
+        return cls(
+            name=data["name"],
+            bytes=data["bytes"],
+            sha256=data["sha256"],
+            episodes=tuple(ShardEpisode(**episode) for episode in data["episodes"]),
+        )
+
 
 @dataclass(frozen=True)
 class SkippedEpisode:
@@ -96,15 +105,7 @@ class Manifest:
             raise ValueError(f"not an agnostos shard manifest (format={data.get('format')!r})")
         if data.get("version") != MANIFEST_VERSION:
             raise ValueError(f"unsupported manifest version {data.get('version')!r}")
-        shards = tuple(
-            ShardEntry(
-                name=shard["name"],
-                bytes=shard["bytes"],
-                sha256=shard["sha256"],
-                episodes=tuple(ShardEpisode(**episode) for episode in shard["episodes"]),
-            )
-            for shard in data["shards"]
-        )
+        shards = tuple(ShardEntry.from_json(shard) for shard in data["shards"])
         return cls(
             source=data["source"],
             options=data["options"],

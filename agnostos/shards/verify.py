@@ -15,11 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agnostos.shards.codecs import check_png_crc, decode_png
-from agnostos.shards.episode import OFFSETS_SUFFIX
+from agnostos.shards.episode import OFFSETS_SUFFIX, Episode
 from agnostos.shards.keyframes import discover_keyframes
-from agnostos.shards.manifest import Manifest, ShardEntry, duplicate_keys
+from agnostos.shards.manifest import Manifest, ShardEntry, ShardEpisode, duplicate_keys
 from agnostos.shards.reading import iter_samples
-from agnostos.shards.samples import JSON_EXT, LOW_DIM_EXT, frame_ext, sample_to_episode
+from agnostos.shards.samples import (
+    JSON_EXT,
+    LOW_DIM_EXT,
+    frame_ext,
+    iter_frame_fields,
+    sample_to_episode,
+)
 
 _HASH_CHUNK = 1 << 22
 
@@ -54,6 +60,69 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _field_faults(sample: dict, episode: Episode) -> list[str]:
+    """Fields present beyond the metadata, the arrays and one PNG per frame."""
+    expected = {JSON_EXT, LOW_DIM_EXT} | {frame_ext(*frame) for frame in iter_frame_fields(episode)}
+    extra = sorted(name for name in sample if not name.startswith("_") and name not in expected)
+    return [f"unexpected fields {extra[:3]}"] if extra else []
+
+
+def _low_dim_faults(episode: Episode) -> list[str]:
+    """Row counts of every array, and keyframes recomputed from the stored arrays."""
+    faults = []
+    arrays = episode.low_dim.arrays()
+    for name, array in arrays.items():
+        if name + OFFSETS_SUFFIX in arrays:
+            continue  # ragged values: their offsets array is checked instead
+        rows = episode.num_frames + (1 if name.endswith(OFFSETS_SUFFIX) else 0)
+        if len(array) != rows:
+            faults.append(f"low-dim '{name}' has {len(array)} rows, expected {rows}")
+    keyframes = discover_keyframes(episode.low_dim.gripper_open, episode.low_dim.joint_velocities)
+    if tuple(keyframes) != episode.keyframes:
+        faults.append(
+            f"stored keyframes {list(episode.keyframes)} but the low-dim arrays give {keyframes}"
+        )
+    return faults
+
+
+def _frame_faults(episode: Episode, image_size: Sequence[int] | None) -> tuple[list[str], int]:
+    """Full CRC walk and decode of every PNG; returns (faults, images decoded)."""
+    faults, decoded = [], 0
+    for frame in iter_frame_fields(episode):
+        try:
+            data = episode.png(*frame)
+            check_png_crc(data)
+            pixels = decode_png(data)
+        except Exception as err:
+            faults.append(f"{frame_ext(*frame)} does not decode ({type(err).__name__}: {err})")
+            continue
+        if image_size is not None and list(pixels.shape[:2]) != list(image_size):
+            faults.append(
+                f"{frame_ext(*frame)} is {pixels.shape[:2]}, dataset image size {list(image_size)}"
+            )
+        decoded += 1
+    return faults, decoded
+
+
+def _check_sample(
+    sample: dict, entry: ShardEpisode, image_size: Sequence[int] | None, report: ShardReport
+) -> None:
+    where = f"{report.name}: sample '{sample['__key__']}'"
+    try:
+        episode = sample_to_episode(sample)
+    except Exception as err:
+        report.faults.append(str(err))
+        return
+    faults = _field_faults(sample, episode) + _low_dim_faults(episode)
+    if episode.num_frames != entry.frames:
+        faults.append(f"{episode.num_frames} frames, manifest says {entry.frames}")
+    frame_faults, decoded = _frame_faults(episode, image_size)
+    report.faults.extend(f"{where}: {fault}" for fault in faults + frame_faults)
+    report.images += decoded
+    report.episodes += 1
+    report.frames += episode.num_frames
+
+
 def verify_shard(
     directory: Path, shard: ShardEntry, image_size: Sequence[int] | None
 ) -> ShardReport:
@@ -71,70 +140,15 @@ def verify_shard(
         report.faults.append(f"{shard.name}: sha256 differs from the manifest")
 
     expected = {episode.key: episode for episode in shard.episodes}
-    seen: list[str] = []
+    seen: set[str] = set()
     try:
         for sample in iter_samples(str(path)):
             key = sample["__key__"]
-            seen.append(key)
-            where = f"{shard.name}: sample '{key}'"
-            entry = expected.get(key)
-            if entry is None:
-                report.faults.append(f"{where}: not listed in the manifest")
+            seen.add(key)
+            if key not in expected:
+                report.faults.append(f"{shard.name}: sample '{key}': not listed in the manifest")
                 continue
-            try:
-                episode = sample_to_episode(sample)
-            except Exception as err:
-                report.faults.append(str(err))
-                continue
-            if episode.num_frames != entry.frames:
-                report.faults.append(
-                    f"{where}: {episode.num_frames} frames, manifest says {entry.frames}"
-                )
-            expected_fields = {JSON_EXT, LOW_DIM_EXT} | {
-                frame_ext(c, m, i)
-                for c in episode.image_cameras
-                for m in episode.modalities
-                for i in range(episode.num_frames)
-            }
-            extra = sorted(set(k for k in sample if not k.startswith("_")) - expected_fields)
-            if extra:
-                report.faults.append(f"{where}: unexpected fields {extra[:3]}")
-            arrays = episode.low_dim.arrays()
-            for name, array in arrays.items():
-                rows = (
-                    episode.num_frames + 1 if name.endswith(OFFSETS_SUFFIX) else episode.num_frames
-                )
-                if name + OFFSETS_SUFFIX not in arrays and len(array) != rows:
-                    report.faults.append(f"{where}: low-dim '{name}' has {len(array)} rows")
-            keyframes = discover_keyframes(
-                episode.low_dim.gripper_open, episode.low_dim.joint_velocities
-            )
-            if tuple(keyframes) != episode.keyframes:
-                report.faults.append(
-                    f"{where}: stored keyframes {list(episode.keyframes)} but the low-dim "
-                    f"arrays give {keyframes}"
-                )
-            for camera in episode.image_cameras:
-                for modality in episode.modalities:
-                    for index in range(episode.num_frames):
-                        try:
-                            data = episode.png(camera, modality, index)
-                            check_png_crc(data)
-                            pixels = decode_png(data)
-                        except Exception as err:
-                            report.faults.append(
-                                f"{where}: {frame_ext(camera, modality, index)} does not decode"
-                                f" ({type(err).__name__}: {err})"
-                            )
-                            continue
-                        if image_size is not None and list(pixels.shape[:2]) != list(image_size):
-                            report.faults.append(
-                                f"{where}: {frame_ext(camera, modality, index)} is "
-                                f"{pixels.shape[:2]}, dataset image size {list(image_size)}"
-                            )
-                        report.images += 1
-            report.episodes += 1
-            report.frames += episode.num_frames
+            _check_sample(sample, expected[key], image_size, report)
     except Exception as err:  # a truncated or corrupt tar stops iteration
         report.faults.append(f"{shard.name}: unreadable tar ({type(err).__name__}: {err})")
     missing = [key for key in expected if key not in seen]

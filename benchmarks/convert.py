@@ -36,6 +36,7 @@ import os
 import platform
 import pstats
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -168,6 +169,10 @@ class Measurement:
     def best(self) -> float:
         return min(self.seconds)
 
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
 
 def run_tar(workdir: Path, fsync: bool) -> tuple[float, int]:
     """`tar -cf <workdir>/tar_out.tar -C <workdir>/input .`, optionally fsynced."""
@@ -284,10 +289,13 @@ def machine_facts() -> dict[str, Any]:
 
 def results_table(measurements: list[Measurement], info: InputInfo) -> list[dict[str, Any]]:
     tar, tar_fsync = measurements[0].best, measurements[1].best
+    tar_median = measurements[0].median
     return [
         {
             "method": m.name,
             "seconds": round(m.best, 3),
+            "median_seconds": round(m.median, 3),
+            "x_tar_median": round(tar_median / m.median, 2),
             "runs": [round(s, 3) for s in m.seconds],
             "mb_per_s": round(info.bytes / 1e6 / m.best, 1),
             "episodes_per_s": round(info.episodes / m.best, 2),
@@ -321,18 +329,23 @@ def markdown(
         f"Python {facts['python']}, numpy {facts['numpy']}, {facts['tar']}, "
         f"Linux {facts['kernel']}.",
         "",
-        "| method | seconds | MB/s | episodes/s | x tar | x tar+fsync | runs (s) |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| method | best s | MB/s | episodes/s | x tar | x tar+fsync | median s | x tar (medians) "
+        "| runs (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         runs = ", ".join(f"{seconds:.2f}" for seconds in row["runs"])
         lines.append(
             f"| {row['method']} | {row['seconds']:.2f} | {row['mb_per_s']:.0f} | "
             f"{row['episodes_per_s']:.2f} | {row['x_tar']:.2f} | {row['x_tar_fsync']:.2f} | "
-            f"{runs} |"
+            f"{row['median_seconds']:.2f} | {row['x_tar_median']:.2f} | {runs} |"
         )
     lines.append("")
-    lines.append("MB/s and episodes/s are input PNG + pkl bytes (10^6) and episodes per second.")
+    lines.append(
+        "MB/s and episodes/s are input PNG + pkl bytes (10^6) and episodes per second, from "
+        "the best pass; the x columns divide tar's time by the method's (best by best, "
+        "median by median)."
+    )
     return "\n".join(lines)
 
 
@@ -348,7 +361,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--json", type=Path, default=None, help="default: <workdir>/../convert_benchmark.json"
     )
     parser.add_argument("--shard-size", default="1GB", help="converter shard size (default 1GB)")
-    parser.add_argument("--repeats", type=int, default=2, help="passes per method; best is kept")
+    parser.add_argument("--repeats", type=int, default=4, help="passes per method; best is kept")
     parser.add_argument(
         "--warmups", type=int, default=1, help="untimed passes of every method before timing"
     )

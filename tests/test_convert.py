@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from episode_asserts import assert_episodes_equal
 
@@ -133,6 +134,13 @@ def _extra_frames(episode: Path) -> None:
     shutil.copy(episode / "wrist_mask" / "0.png", episode / "wrist_mask" / "24.png")
 
 
+def _other_size_frame(episode: Path) -> None:
+    """Frame 3 of one folder from another resolution (a valid PNG, wrong dataset)."""
+    from agnostos.shards.codecs import encode_png
+
+    (episode / "front_rgb" / "3.png").write_bytes(encode_png(np.zeros((16, 16, 3), np.uint8)))
+
+
 def _evil_pickle(episode: Path) -> None:
     (episode / "low_dim_obs.pkl").write_bytes(b"\x80\x04\x8c\x02os\x8c\x06system\x93.")
 
@@ -146,6 +154,7 @@ DAMAGES = {
     "truncated png": (_truncate_png, r"left_shoulder_depth/5\.png: truncated PNG"),
     "missing frame": (_drop_frame, r"overhead_rgb: 23 frames on disk but"),
     "extra frame": (_extra_frames, r"wrist_mask: 25 frames on disk but .* 24 observations"),
+    "other image size": (_other_size_frame, r"front_rgb/3\.png: image is \(16, 16\), other"),
     "refused pickle": (_evil_pickle, r"low_dim_obs\.pkl: refused to load global 'os\.system'"),
     "truncated pickle": (_truncated_pickle, r"low_dim_obs\.pkl: unreadable pickle"),
 }

@@ -87,18 +87,19 @@ def point_cloud(depth_m: np.ndarray, intrinsics: np.ndarray, extrinsics: np.ndar
     return pixels @ (rotation @ camera_to_pixels).T + translation
 
 
-def png_size(data: bytes) -> tuple[int, int]:
+def png_size(data: bytes | memoryview) -> tuple[int, int]:
     """(height, width) from the IHDR chunk, without decoding pixels."""
-    if len(data) < 24 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
+    head = bytes(data[:24])
+    if len(head) < 24 or not head.startswith(PNG_SIGNATURE) or head[12:16] != b"IHDR":
         raise PngError("not a PNG file (bad signature or missing IHDR)")
-    width, height = struct.unpack(">II", data[16:24])
+    width, height = struct.unpack(">II", head[16:24])
     return height, width
 
 
 IEND_CHUNK = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
-def check_png(data: bytes) -> tuple[int, int]:
+def check_png(data: bytes | memoryview) -> tuple[int, int]:
     """Cheap structural check used while converting; returns (height, width).
 
     Signature, IHDR and a complete IEND chunk as the very last 12 bytes: a truncated file
@@ -107,7 +108,7 @@ def check_png(data: bytes) -> tuple[int, int]:
     `check_png_crc` and the full decode in `agnostos shards verify` catch.
     """
     size = png_size(data)
-    if not data.endswith(IEND_CHUNK):
+    if bytes(data[-len(IEND_CHUNK) :]) != IEND_CHUNK:
         raise PngError("truncated PNG: the file does not end with an IEND chunk")
     return size
 

@@ -10,9 +10,11 @@ the same arguments therefore finishes with byte-identical shards.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import queue
 import re
 import time
 from collections import deque
@@ -25,9 +27,9 @@ from typing import Any
 from tqdm import tqdm
 
 from agnostos import __version__
-from agnostos.atomic import TMP_SUFFIX, atomic_write_json, fsync_directory
-from agnostos.shards.codecs import PngError, check_png
-from agnostos.shards.episode import CAMERAS, MODALITIES
+from agnostos.atomic import TMP_SUFFIX, atomic_write_json, fsync_directory, start_writeback
+from agnostos.shards.codecs import IEND_CHUNK, PngError, check_png, png_size
+from agnostos.shards.episode import CAMERAS, MODALITIES, Episode
 from agnostos.shards.folders import EpisodeError, EpisodeLocation, discover_episodes, read_episode
 from agnostos.shards.manifest import (
     MANIFEST_NAME,
@@ -37,11 +39,12 @@ from agnostos.shards.manifest import (
     SkippedEpisode,
 )
 from agnostos.shards.pickles import PickleReadError, PickleRefusedError
-from agnostos.shards.samples import episode_to_sample, frame_ext, iter_frame_fields
-from agnostos.shards.tar import END_OF_ARCHIVE, sample_to_tar
+from agnostos.shards.samples import frame_ext, iter_frame_fields, metadata_fields
+from agnostos.shards.tar import END_OF_ARCHIVE, TarBuilder
 
 PROGRESS_NAME = "convert-progress.json"
 SHARD_PATTERN = "shard-{index:06d}.tar"
+_PNG_HEAD = 24  # signature + IHDR length, type, width and height
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
@@ -90,46 +93,46 @@ class ConvertOptions:
 
 @dataclass
 class EncodedEpisode:
-    """A validated episode ready to be written: its tar members and its manifest entry."""
+    """A validated episode ready to be written: its tar members and its manifest entry.
+
+    `tar` is a view into a reused `TarBuilder` when encoded in this process (hand the
+    builder back once the view is written) and plain bytes when it came from a worker.
+    """
 
     entry: ShardEpisode
-    tar: bytes
+    tar: bytes | memoryview
     image_size: tuple[int, int]
+    builder: TarBuilder | None = None
 
 
 @dataclass
 class FailedEpisode:
     source: str
     reason: str
+    builder: TarBuilder | None = None
 
 
 def encode_episode(
-    location: EpisodeLocation, cameras: Sequence[str], modalities: Sequence[str]
+    location: EpisodeLocation,
+    cameras: Sequence[str],
+    modalities: Sequence[str],
+    builder: TarBuilder,
 ) -> EncodedEpisode | FailedEpisode:
-    """Read, validate and serialise one episode; failures come back as values, not raises."""
+    """Read, validate and serialise one episode into `builder` (cleared first).
+
+    Failures come back as values, not raises, so the caller decides between fail and skip.
+    """
+    builder.clear()
     try:
         episode = read_episode(location, cameras, modalities)
-        frames: dict[str, bytes] = {}
-        image_size: tuple[int, int] | None = None
-        for camera, modality, index in iter_frame_fields(episode):
-            path = episode.frames.path(camera, modality, index)
-            with open(path, "rb") as handle:
-                data = handle.read()
-            try:
-                size = check_png(data)
-            except PngError as err:
-                raise EpisodeError(f"{path}: {err}") from None
-            if image_size is None:
-                image_size = size
-            elif size != image_size:
-                raise EpisodeError(f"{path}: image is {size}, other frames are {image_size}")
-            frames[frame_ext(camera, modality, index)] = data
-        sample = episode_to_sample(episode, image_size, frames)
+        image_size = _add_frames(episode, builder)
+        for field, data in metadata_fields(episode, image_size).items():
+            builder.add(f"{episode.key}.{field}", data)
     except (PickleReadError, PickleRefusedError, OSError, ValueError, KeyError, TypeError) as err:
         # EpisodeError is a ValueError; other ValueErrors/TypeErrors come from malformed
         # pickle contents. Name the episode folder when the message does not already.
         message = str(err) if str(location.path) in str(err) else f"{location.path}: {err}"
-        return FailedEpisode(location.relative, message)
+        return FailedEpisode(location.relative, message, builder)
     entry = ShardEpisode(
         key=episode.key,
         task=episode.task,
@@ -138,17 +141,94 @@ def encode_episode(
         frames=episode.num_frames,
         source=episode.source,
     )
-    return EncodedEpisode(entry, sample_to_tar(sample), image_size)
+    return EncodedEpisode(entry, builder.view(), image_size, builder)
+
+
+def _add_frames(episode: Episode, builder: TarBuilder) -> tuple[int, int]:
+    """Copy every frame file into the builder, checking each PNG; returns the image size.
+
+    Frames of one episode share their first 24 bytes (signature, IHDR length and type,
+    width, height), so after the first frame the check is two slice comparisons; any
+    mismatch is re-checked by `check_png` for an error that says what is wrong.
+    """
+    paths = [episode.frames.path(*field) for field in iter_frame_fields(episode)]
+    names = [f"{episode.key}.{frame_ext(*field)}" for field in iter_frame_fields(episode)]
+    spans = builder.add_files(zip(names, paths, strict=True))
+    buffer = builder.buffer
+    first_start, first_end = spans[0]
+    head = bytes(buffer[first_start : first_start + _PNG_HEAD])
+    trailer_size = len(IEND_CHUNK)
+    for path, (start, end) in zip(paths, spans, strict=True):
+        if (
+            buffer[start : start + _PNG_HEAD] != head
+            or buffer[end - trailer_size : end] != IEND_CHUNK
+        ):
+            try:
+                size = check_png(buffer[start:end])
+            except PngError as err:
+                raise EpisodeError(f"{path}: {err}") from None
+            if size != png_size(head):
+                raise EpisodeError(f"{path}: image is {size}, other frames are {png_size(head)}")
+            raise EpisodeError(f"{path}: IHDR chunk header differs from the first frame's")
+    return check_png(buffer[first_start:first_end])
+
+
+@functools.cache
+def _process_builder() -> TarBuilder:
+    return TarBuilder()
+
+
+def _encode_in_worker(
+    location: EpisodeLocation, cameras: Sequence[str], modalities: Sequence[str]
+) -> EncodedEpisode | FailedEpisode:
+    """`encode_episode` in a pool process: one builder per process, bytes sent back."""
+    result = encode_episode(location, cameras, modalities, _process_builder())
+    result.builder = None
+    if isinstance(result, EncodedEpisode):
+        result.tar = bytes(result.tar)
+    return result
+
+
+class _BuilderPool:
+    """The reusable episode buffers of an in-process conversion.
+
+    One is filled while the writer thread still holds up to `_OpenShard._IN_FLIGHT`
+    others; the writer hands each back once its bytes are in the shard file.
+    """
+
+    def __init__(self, count: int):
+        self._free: queue.SimpleQueue[TarBuilder] = queue.SimpleQueue()
+        for _ in range(count):
+            self._free.put(TarBuilder())
+
+    def take(self) -> TarBuilder:
+        return self._free.get()
+
+    def give(self, builder: TarBuilder | None) -> None:
+        if builder is not None:
+            self._free.put(builder)
+
+
+def _encode_all(
+    locations: Sequence[EpisodeLocation],
+    options: ConvertOptions,
+    workers: int,
+    pool: _BuilderPool,
+) -> Iterator[EncodedEpisode | FailedEpisode]:
+    """Encoded episodes in input order: in this process, or from a process pool."""
+    if workers <= 1:
+        for location in locations:
+            yield encode_episode(location, options.cameras, options.modalities, pool.take())
+        return
+    yield from _ordered_map(
+        _encode_in_worker, locations, workers, options.cameras, options.modalities
+    )
 
 
 def _ordered_map(
     function: Callable[..., Any], items: Sequence[Any], workers: int, *args: Any
 ) -> Iterator[Any]:
-    """`map` in input order with at most 2*workers results in flight (bounded memory)."""
-    if workers <= 1:
-        for item in items:
-            yield function(item, *args)
-        return
+    """`map` over a process pool in input order, at most 2*workers results in flight."""
     with ProcessPoolExecutor(max_workers=workers) as pool:
         pending: deque[Future] = deque()
         iterator = iter(items)
@@ -176,6 +256,7 @@ class _OpenShard:
     """
 
     _IN_FLIGHT = 2
+    _WRITEBACK_STEP = 64 * 2**20
 
     def __init__(self, directory: Path, index: int):
         self.name = SHARD_PATTERN.format(index=index)
@@ -187,17 +268,29 @@ class _OpenShard:
         self._pending: deque[Future] = deque()
         self.episodes: list[ShardEpisode] = []
         self.bytes = 0
+        self._written = self._flushed = 0  # writer-thread state: bytes out, writeback started
 
-    def _append(self, data: bytes) -> None:
+    def _append(self, data: bytes | memoryview, written: Callable[[], None] | None = None) -> None:
         self._sha256.update(data)
         self._handle.write(data)
+        self._written += len(data)
+        if self._written - self._flushed >= self._WRITEBACK_STEP:
+            self._handle.flush()
+            start_writeback(self._handle.fileno(), self._flushed, self._written - self._flushed)
+            self._flushed = self._written
+        if isinstance(data, memoryview):
+            data.release()  # the builder behind it may now grow or be reused
+        if written is not None:
+            written()
 
-    def write(self, encoded: EncodedEpisode) -> None:
-        self._pending.append(self._thread.submit(self._append, encoded.tar))
+    def write(self, encoded: EncodedEpisode, written: Callable[[], None] | None = None) -> None:
+        """Queue the episode's bytes; `written` runs on the writer thread once they are out."""
+        size = len(encoded.tar)
+        self._pending.append(self._thread.submit(self._append, encoded.tar, written))
         while len(self._pending) > self._IN_FLIGHT:
             self._pending.popleft().result()
         self.episodes.append(encoded.entry)
-        self.bytes += len(encoded.tar)
+        self.bytes += size
 
     def finish(self) -> ShardEntry:
         self._write_trailer()
@@ -338,9 +431,8 @@ def convert(
         shard = None
 
     try:
-        results = _ordered_map(
-            encode_episode, locations[start:], workers, options.cameras, options.modalities
-        )
+        pool = _BuilderPool(_OpenShard._IN_FLIGHT + 2)
+        results = _encode_all(locations[start:], options, workers, pool)
         for position, result in enumerate(results, start=start):
             if isinstance(result, EncodedEpisode) and progress.image_size not in (
                 None,
@@ -351,21 +443,24 @@ def convert(
                     f"{result.entry.source}: images are {result.image_size[0]}x"
                     f"{result.image_size[1]}, the dataset's are {progress.image_size[0]}x"
                     f"{progress.image_size[1]}",
+                    result.builder,
                 )
             if isinstance(result, FailedEpisode):
+                pool.give(result.builder)
                 if options.on_error == "fail":
                     raise ConvertError(f"episode {result.source}: {result.reason}")
                 pending_skips.append(SkippedEpisode(result.source, result.reason))
                 bar.write(f"skipped {result.source}: {result.reason}")
             else:
                 progress.image_size = result.image_size
-                if shard is not None and shard.bytes + len(result.tar) > options.shard_size:
+                size = len(result.tar)  # read before the writer thread releases the view
+                if shard is not None and shard.bytes + size > options.shard_size:
                     close_shard(position)
                 if shard is None:
                     shard = _OpenShard(out, len(progress.shards))
-                shard.write(result)
+                shard.write(result, functools.partial(pool.give, result.builder))
                 converted += 1
-                written += len(result.tar)
+                written += size
             bar.update(1)
             elapsed = max(time.monotonic() - started, 1e-9)
             bar.set_postfix_str(f"{written / elapsed / 1e6:.1f} MB/s", refresh=False)

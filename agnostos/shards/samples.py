@@ -1,10 +1,10 @@
 """One episode as one WebDataset sample, and back.
 
-A sample with key `<task>/<variation folder>/episode<N>` holds:
+A sample with key `<task>/<variation folder>/episode<N>` holds, in this order:
+- `<camera>_<modality>.<i>.png`: the original PNG bytes, unchanged;
 - `json`: metadata (task, variation, episode, descriptions, frame count, keyframes,
   cameras, modalities, image size, source path, mask names, random-state scalars);
-- `low_dim.npz`: low-dim arrays, per-frame camera parameters and the RNG key array;
-- `<camera>_<modality>.<i>.png`: the original PNG bytes, unchanged.
+- `low_dim.npz`: low-dim arrays, per-frame camera parameters and the RNG key array.
 
 Everything is encoded deterministically (sorted JSON, zip entries with a fixed date), so
 the same episode always gives the same bytes. Nothing is pickled: shards load with any
@@ -108,25 +108,25 @@ def iter_frame_fields(episode: Episode) -> Iterator[tuple[str, str, int]]:
                 yield camera, modality, index
 
 
-def episode_to_sample(
-    episode: Episode, image_size: tuple[int, int], frames: Mapping[str, bytes] | None = None
-) -> dict[str, Any]:
-    """A WebDataset sample dict (`__key__` + bytes per field) for TarWriter.
-
-    `frames` may pass PNG bytes already read (keyed by field) to avoid reading twice.
-    """
-    sample: dict[str, Any] = {
-        "__key__": episode.key,
-        JSON_EXT: json.dumps(
-            episode_metadata(episode, image_size), sort_keys=True, separators=(",", ":")
-        ).encode("utf-8"),
+def metadata_fields(episode: Episode, image_size: tuple[int, int]) -> dict[str, bytes]:
+    """The two non-frame fields of a sample: JSON metadata and the low-dim npz."""
+    metadata = episode_metadata(episode, image_size)
+    return {
+        JSON_EXT: json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode("utf-8"),
         LOW_DIM_EXT: npz_bytes(episode_arrays(episode)),
     }
+
+
+def episode_to_sample(episode: Episode, image_size: tuple[int, int]) -> dict[str, Any]:
+    """A WebDataset sample dict (`__key__` + bytes per field): frames first, then metadata.
+
+    Frames come first because the image size recorded in the metadata is only known once
+    the frames have been read; the converter writes members in this same order.
+    """
+    sample: dict[str, Any] = {"__key__": episode.key}
     for camera, modality, index in iter_frame_fields(episode):
-        field = frame_ext(camera, modality, index)
-        sample[field] = (
-            frames[field] if frames is not None else episode.png(camera, modality, index)
-        )
+        sample[frame_ext(camera, modality, index)] = episode.png(camera, modality, index)
+    sample.update(metadata_fields(episode, image_size))
     return sample
 
 

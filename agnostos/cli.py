@@ -4,6 +4,7 @@ Subcommands:
   agnostos shards convert SRC OUT   RLBench episode folders -> WebDataset shards (resumable)
   agnostos shards verify OUT        re-hash and fully decode every shard
   agnostos shards info OUT          tasks, episodes, frames, bytes, cameras
+  agnostos sim generate|render|tasks  minibench: scripted demos, scene views, task list
   agnostos demo [--out DIR]         the main job on the built-in data (see `run_demo`)
 
 Heavy imports happen inside the handlers so `agnostos --help` stays instant.
@@ -130,6 +131,98 @@ def _shards_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sim_commands(subparsers: argparse._SubParsersAction) -> None:
+    sim = subparsers.add_parser("sim", help="minibench, the embedded MuJoCo benchmark")
+    commands = sim.add_subparsers(dest="sim_command", required=True)
+
+    generate = commands.add_parser(
+        "generate",
+        help="write scripted demos in RLBench's on-disk layout",
+        description="Record scripted minibench demos into OUT/<task>/all_variations/episodes/ "
+        "(RLBench layout: 15 image folders, low_dim_obs.pkl, variation pickles). Resumes: "
+        "episodes already written are kept.",
+    )
+    generate.add_argument(
+        "--tasks", default="seen", help="comma-separated task names, or seen, unseen, all"
+    )
+    generate.add_argument("--episodes", type=int, required=True, help="episodes per task")
+    generate.add_argument("--out", type=Path, required=True)
+    generate.add_argument("--seed", type=int, default=0, help="selects a different set of scenes")
+    generate.add_argument("--image-size", type=int, default=128)
+    generate.add_argument("--workers", type=int, default=1, help="recording processes")
+    generate.add_argument("--no-progress", action="store_true")
+    generate.set_defaults(handler=_sim_generate)
+
+    render = commands.add_parser("render", help="save the five camera views of a task's scene")
+    render.add_argument("task")
+    render.add_argument("--variation", type=int, default=0)
+    render.add_argument("--episode", type=int, default=0)
+    render.add_argument("--image-size", type=int, default=128)
+    render.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    render.set_defaults(handler=_sim_render)
+
+    tasks = commands.add_parser("tasks", help="list minibench tasks with split and level")
+    tasks.set_defaults(handler=_sim_tasks)
+
+
+def _minibench_tasks(spec: str) -> tuple[str, ...]:
+    from agnostos.tasks import MINIBENCH
+
+    groups = {"seen": MINIBENCH.seen, "unseen": MINIBENCH.unseen, "all": MINIBENCH.all_tasks}
+    if spec in groups:
+        return groups[spec]
+    return _csv(spec)
+
+
+def _sim_generate(args: argparse.Namespace) -> int:
+    from agnostos.envs.minibench.generate import generate
+
+    try:
+        summary = generate(
+            _minibench_tasks(args.tasks),
+            args.episodes,
+            args.out,
+            seed=args.seed,
+            image_size=args.image_size,
+            workers=args.workers,
+            progress=not args.no_progress,
+        )
+    except (KeyError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for task, record in summary.items():
+        print(
+            f"{task}: {record.written} written, {record.already_present} already present, "
+            f"{record.failed_attempts} failed scripted attempts retried"
+        )
+    return 0
+
+
+def _sim_render(args: argparse.Namespace) -> int:
+    from agnostos.envs.minibench.render import render_task
+
+    try:
+        path = render_task(args.task, args.out, args.variation, args.episode, args.image_size)
+    except (KeyError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def _sim_tasks(args: argparse.Namespace) -> int:
+    from agnostos.envs.minibench.tasks import TASKS
+    from agnostos.tasks import MINIBENCH
+
+    print(f"{'task':<24} {'split':<7} {'level':<7} variations  instruction (variation 0)")
+    for name in MINIBENCH.all_tasks:
+        split = MINIBENCH.split_of(name)
+        level = MINIBENCH.level_of(name) if split == "unseen" else "-"
+        task = TASKS[name]
+        print(f"{name:<24} {split:<7} {level:<7} {task.variations:>10}  {task.descriptions(0)[0]}")
+    return 0
+
+
 def _add_demo_command(subparsers: argparse._SubParsersAction) -> None:
     demo = subparsers.add_parser(
         "demo",
@@ -163,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agnostos", description=__doc__.split("\n\n")[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_shards_commands(subparsers)
+    _add_sim_commands(subparsers)
     _add_demo_command(subparsers)
     return parser
 

@@ -330,6 +330,69 @@ AGNOSTOS = TaskSuite(
 )
 
 
+# --- minibench (the embedded MuJoCo default, agnostos/envs/minibench) ------------------------
+
+MINIBENCH_SEEN_TASKS: tuple[str, ...] = (
+    "reach_target",
+    "pick_up_block",
+    "push_button",
+    "open_drawer",
+    "slide_block_to_target",
+    "place_block_on_target",
+)
+# Level-1: the objects or motions of seen tasks in new combinations.
+MINIBENCH_LEVEL1: tuple[str, ...] = ("stack_blocks", "close_drawer", "push_buttons_in_order")
+# Level-2: objects and motions no seen task has.
+MINIBENCH_LEVEL2: tuple[str, ...] = ("knock_over_bottle", "close_box_lid", "roll_ball_into_goal")
+MINIBENCH_UNSEEN_TASKS: tuple[str, ...] = MINIBENCH_LEVEL1 + MINIBENCH_LEVEL2
+
+_BUTTONS = {
+    **{f"button{index}": "button" for index in range(3)},
+    **{f"button_base{index}": "button base" for index in range(3)},
+}
+_DRAWERS = {
+    "chest_bottom": "drawer frame",
+    "chest_top": "drawer frame",
+    "chest_back": "drawer frame",
+    **{f"drawer_{side}": f"{side} drawer" for side in ("left", "middle", "right")},
+    **{f"handle_{side}": f"{side} handle" for side in ("left", "middle", "right")},
+}
+# Mask names (MuJoCo geom names) -> prompt names, as AGNOSTOS_OBJECT_NAMES does for RLBench.
+MINIBENCH_OBJECT_NAMES: Mapping[str, Mapping[str, str]] = _freeze(
+    {
+        "reach_target": {
+            "target": "target",
+            "distractor0": "distractor",
+            "distractor1": "distractor",
+        },
+        "pick_up_block": {"block": "block", "distractor0": "block", "distractor1": "block"},
+        "push_button": _BUTTONS,
+        "open_drawer": _DRAWERS,
+        "slide_block_to_target": {"block": "block", "target": "target", "distractor": "target"},
+        "place_block_on_target": {"block": "block", "target": "target", "distractor": "target"},
+        "stack_blocks": {"top": "block", "bottom": "block", "distractor": "block"},
+        "close_drawer": _DRAWERS,
+        "push_buttons_in_order": _BUTTONS,
+        "knock_over_bottle": {"bottle": "bottle"},
+        "close_box_lid": {"box": "box", "lid": "lid"},
+        "roll_ball_into_goal": {
+            "ball": "ball",
+            "goal_back": "goal",
+            "goal_left": "goal",
+            "goal_right": "goal",
+        },
+    }
+)
+
+MINIBENCH = TaskSuite(
+    name="minibench",
+    seen=MINIBENCH_SEEN_TASKS,
+    unseen=MINIBENCH_UNSEEN_TASKS,
+    levels={"level1": MINIBENCH_LEVEL1, "level2": MINIBENCH_LEVEL2},
+    object_names=MINIBENCH_OBJECT_NAMES,
+)
+
+
 # --- Registry -------------------------------------------------------------------------------
 
 SUITES: dict[str, TaskSuite] = {}
@@ -353,3 +416,4 @@ def get_suite(name: str) -> TaskSuite:
 
 
 register_suite(AGNOSTOS)
+register_suite(MINIBENCH)

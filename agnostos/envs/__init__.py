@@ -1,0 +1,1 @@
+"""Environments behind one protocol: the embedded MuJoCo minibench and (optionally) RLBench."""

@@ -7,11 +7,13 @@ RLBench/PyRep so that `agnostos.shards.codecs.point_cloud` rebuilds world points
   direction (MuJoCo cameras have x right, y up, and look down -z);
 - intrinsics: negative focal lengths in pixels; the principal point is the image centre in
   pixel-index coordinates, (W-1)/2 and (H-1)/2, matching where MuJoCo samples pixels;
-- depth: metric z along the viewing direction;
+- depth: metric z along the viewing direction, clipped to the camera's [near, far];
 - masks: one handle per geom (geom id + 1; 0 is the background) and a handle -> name map.
 """
 
 from __future__ import annotations
+
+import os
 
 import mujoco
 import numpy as np
@@ -45,13 +47,29 @@ def geom_names(model: mujoco.MjModel) -> dict[int, str]:
     return names
 
 
+def _gl_context(width: int, height: int):
+    """An offscreen GL context for the backend MUJOCO_GL names (egl by default).
+
+    Chosen here rather than through `mujoco.GLContext`, which is fixed when mujoco is first
+    imported: a program that imported mujoco before this package still renders offscreen.
+    """
+    backend = os.environ.get("MUJOCO_GL", "egl").lower()
+    if backend == "osmesa":
+        from mujoco.osmesa import GLContext
+    elif backend == "egl":
+        from mujoco.egl import GLContext
+    else:
+        GLContext = mujoco.GLContext
+    return GLContext(width, height)
+
+
 class CameraRig:
     """Offscreen renderer for a model's named cameras (EGL or OSMesa, per MUJOCO_GL)."""
 
     def __init__(self, model: mujoco.MjModel, size: tuple[int, int], groups: tuple[int, ...]):
         self.model = model
         self.height, self.width = size
-        self._context = mujoco.GLContext(self.width, self.height)
+        self._context = _gl_context(self.width, self.height)
         self._context.make_current()
         self._mjr = mujoco.MjrContext(model, mujoco.mjtFontScale.mjFONTSCALE_150)
         mujoco.mjr_setBuffer(mujoco.mjtFramebuffer.mjFB_OFFSCREEN, self._mjr)
@@ -97,7 +115,7 @@ class CameraRig:
             flags[mujoco.mjtRndFlag.mjRND_IDCOLOR] = 0
         return CameraFrame(
             rgb=rgb,
-            depth=np.flipud(self._metric_depth()).copy(),
+            depth=np.clip(np.flipud(self._metric_depth()), near, far),  # as RLBench stores it
             mask=np.flipud(self._geom_handles()).copy(),
             intrinsics=intrinsics((self.height, self.width), fovy),
             extrinsics=extrinsics(data, camera),

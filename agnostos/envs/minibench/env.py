@@ -166,7 +166,8 @@ class MiniBenchEnv:
         self.ignore_collisions = 0.0
         self._terminal = False
         observation = self.observe()
-        self._emit(observation)
+        if self.on_frame is not None:
+            self.on_frame(observation)
         return observation
 
     # -- acting ------------------------------------------------------------------------------
@@ -246,7 +247,7 @@ class MiniBenchEnv:
             if self._simulate(target, CONTROL_DT, previous):
                 return True
             previous = target
-            self._emit(self.observe())
+            self._record_frame()
         return self._settle(goal.joints)
 
     def _settle(self, joints: np.ndarray) -> bool:
@@ -257,7 +258,7 @@ class MiniBenchEnv:
                 return True
             if np.all(np.abs(data.qvel[scene.arm_dof]) < SETTLE_SPEED):
                 break
-        self._emit(self.observe())
+        self._record_frame()
         return False
 
     def _actuate_gripper(self, open_: bool) -> bool:
@@ -267,7 +268,7 @@ class MiniBenchEnv:
         loaded = self._require()
         joints = loaded.data.ctrl[:7].copy()
         succeeded = self._simulate(joints, GRIPPER_STEPS * loaded.scene.model.opt.timestep)
-        self._emit(self.observe())
+        self._record_frame()
         return succeeded
 
     def _simulate(
@@ -286,13 +287,14 @@ class MiniBenchEnv:
                 data.ctrl[:7] = start + (index / count) * (joints - start)
             mujoco.mj_step(model, data)
             if loaded.task.success(loaded.scene, data, self.layout):
-                self._emit(self.observe())
+                self._record_frame()
                 return True
         return False
 
-    def _emit(self, observation: Observation) -> None:
+    def _record_frame(self) -> None:
+        """Observe (render) only while a demo is being recorded."""
         if self.on_frame is not None:
-            self.on_frame(observation)
+            self.on_frame(self.observe())
 
     # -- observing ---------------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""Evaluation: observation text, demo retrieval and ranking, agents, rollouts, scores."""

@@ -1,0 +1,1 @@
+"""Models: dynamics diffusion, VLA wrappers, action codecs and LLM backends."""

@@ -1,0 +1,40 @@
+"""LightningDataModules over WebDataset shards (or RLBench folders) for training.
+
+- `DynamicsDataModule` -> `DynamicsBatch`: (input frame, target frame, instruction) pairs for
+  the X-ICM dynamics diffusion model.
+- `KeyframeDataModule` -> `KeyframeBatch`: (camera images, proprio, instruction, next
+  keyframe action(s) through an action codec) for VLA fine-tuning.
+
+Pipelines, splitting and seeding: `streams.py`; the shard reader: `tar_stream.py`.
+"""
+
+from agnostos.datamodules.base import EpisodeDataModule
+from agnostos.datamodules.catalogue import CatalogueEntry, Split, split_episodes
+from agnostos.datamodules.dynamics import DynamicsBatch, DynamicsDataModule, dynamics_pairs
+from agnostos.datamodules.episodes import SampleDataError
+from agnostos.datamodules.images import centre_crop_resize, to_unit_range
+from agnostos.datamodules.keyframes import (
+    KeyframeBatch,
+    KeyframeDataModule,
+    action_stats,
+    keyframe_transitions,
+)
+from agnostos.datamodules.tar_stream import ShardReadError
+
+__all__ = [
+    "CatalogueEntry",
+    "DynamicsBatch",
+    "DynamicsDataModule",
+    "EpisodeDataModule",
+    "KeyframeBatch",
+    "KeyframeDataModule",
+    "SampleDataError",
+    "ShardReadError",
+    "Split",
+    "action_stats",
+    "centre_crop_resize",
+    "dynamics_pairs",
+    "keyframe_transitions",
+    "split_episodes",
+    "to_unit_range",
+]

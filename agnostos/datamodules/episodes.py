@@ -55,6 +55,7 @@ class ShardEpisode:
 
     def __init__(self, sample: Mapping[str, Any]):
         self.sample = sample
+        self._loaded: dict[str, np.ndarray | None] = {}
         self.key = str(sample.get("__key__", "?"))
         self.origin = str(sample.get("__url__", "<shard>"))
         try:
@@ -96,15 +97,19 @@ class ShardEpisode:
 
     def low_dim(self, name: str) -> np.ndarray | None:
         """One low-dim array by its Episode name (None when the episode lacks it)."""
+        if name in self._loaded:
+            return self._loaded[name]
         arrays = self._arrays
-        if name not in arrays.files:
-            return None
-        try:
-            return arrays[name]
-        except Exception as err:
-            raise SampleDataError(
-                f"{self._where}: cannot read {LOW_DIM_EXT}/{name} ({err})"
-            ) from err
+        value = None
+        if name in arrays.files:
+            try:
+                value = arrays[name]  # an NpzFile parses the member again on every access
+            except Exception as err:
+                raise SampleDataError(
+                    f"{self._where}: cannot read {LOW_DIM_EXT}/{name} ({err})"
+                ) from err
+        self._loaded[name] = value
+        return value
 
 
 @dataclass(frozen=True)

@@ -148,10 +148,6 @@ class EpisodeDataModule(L.LightningDataModule, ABC):
 
     # -- data source and split -----------------------------------------------------------
 
-    @property
-    def source_kind(self) -> str:
-        return "shards" if self.shards is not None else "folders"
-
     def catalogue(self) -> list[CatalogueEntry]:
         if self.shards is not None:
             return shard_catalogue(self.shards, self.manifest, self.tasks)

@@ -24,6 +24,7 @@ import numpy as np
 
 from agnostos.shards.episode import Episode
 from agnostos.shards.folders import EpisodeError, EpisodeLocation, read_episode
+from agnostos.shards.pickles import PickleReadError, PickleRefusedError
 from agnostos.shards.samples import FORMAT_VERSION, JSON_EXT, LOW_DIM_EXT, frame_ext
 
 _EPISODE_PREFIX = "episode"
@@ -195,7 +196,7 @@ class ReadFolderEpisodes:
         location = location_of(self.root, key)
         try:
             episode = read_episode(location, self.cameras, self.modalities)
-        except (EpisodeError, OSError) as err:
+        except (EpisodeError, PickleReadError, PickleRefusedError, OSError) as err:
             raise SampleDataError(f"{location.path}: episode '{key}': {err}") from err
         return FolderEpisode(episode, str(location.path))
 

@@ -33,7 +33,6 @@ import cProfile
 import io
 import json
 import os
-import platform
 import pstats
 import shutil
 import statistics
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from machine import machine_facts
 
 from agnostos.shards.convert import ConvertOptions, convert, parse_size
 from agnostos.shards.folders import discover_episodes
@@ -266,25 +266,12 @@ def profile_convert(workdir: Path, shard_size: int, episodes: int, top: int) -> 
 # -- report -----------------------------------------------------------------------------
 
 
-def machine_facts() -> dict[str, Any]:
-    cpu_model = "unknown"
-    with open("/proc/cpuinfo") as handle:
-        for line in handle:
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo") as handle:
-        mem_kib = next(int(line.split()[1]) for line in handle if line.startswith("MemTotal"))
+def tar_machine_facts() -> dict[str, Any]:
     tar_version = subprocess.run(["tar", "--version"], capture_output=True, text=True).stdout
-    return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu_model,
-        "ram_gib": round(mem_kib / 2**20, 1),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "tar": tar_version.splitlines()[0] if tar_version else "unknown",
-        "kernel": platform.release(),
-    }
+    return machine_facts(
+        numpy=np.__version__,
+        tar=tar_version.splitlines()[0] if tar_version else "unknown",
+    )
 
 
 def results_table(measurements: list[Measurement], info: InputInfo) -> list[dict[str, Any]]:
@@ -394,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"input: {info.episodes} episodes, {info.bytes / 1e9:.3f} GB; timing ...", flush=True)
         measurements = measure_all(workdir, info, shard_size, args.repeats, args.warmups)
         rows = results_table(measurements, info)
-        facts = machine_facts()
+        facts = tar_machine_facts()
         print()
         print(markdown(rows, info, facts, args.repeats, args.warmups, warm_s))
         report = {

@@ -34,7 +34,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -46,6 +45,7 @@ import numpy as np
 import PIL
 import torch
 import webdataset
+from machine import machine_facts
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from agnostos.datamodules.dynamics import (
@@ -201,26 +201,13 @@ def ceiling_rate(specs: list[DynamicsSpec], samples: int, workers: int) -> float
 # -- report -------------------------------------------------------------------------------------
 
 
-def machine_facts() -> dict[str, Any]:
-    cpu_model = "unknown"
-    with open("/proc/cpuinfo") as handle:
-        for line in handle:
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo") as handle:
-        mem_kib = next(int(line.split()[1]) for line in handle if line.startswith("MemTotal"))
-    return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu_model,
-        "ram_gib": round(mem_kib / 2**20, 1),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "webdataset": webdataset.__version__,
-        "pillow": PIL.__version__,
-        "numpy": np.__version__,
-        "kernel": platform.release(),
-    }
+def package_facts() -> dict[str, Any]:
+    return machine_facts(
+        torch=torch.__version__,
+        webdataset=webdataset.__version__,
+        pillow=PIL.__version__,
+        numpy=np.__version__,
+    )
 
 
 def load_average() -> list[float]:
@@ -295,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    facts = machine_facts()
+    facts = package_facts()
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": facts,

@@ -21,14 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import mujoco
 import numpy as np
+from machine import machine_facts
 
 from agnostos.envs.minibench.env import MiniBenchEnv
 from agnostos.envs.minibench.generate import generate, record_demo, write_demo
@@ -110,11 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="minibench-bench-"))
     try:
         results = {
-            "machine": {
-                "cpus": os.cpu_count(),
-                "python": platform.python_version(),
-                "mujoco_gl": os.environ.get("MUJOCO_GL"),
-            },
+            "machine": machine_facts(
+                mujoco=mujoco.__version__, mujoco_gl=os.environ.get("MUJOCO_GL", "")
+            ),
             "generation": generation(args.episodes, workdir),
             "breakdown": breakdown(1, workdir),
             "step_latency": step_latency(1),

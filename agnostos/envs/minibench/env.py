@@ -101,6 +101,8 @@ class MiniBenchEnv:
         self._current: _Loaded | None = None
         self.layout: Layout | None = None
         self.instruction = ""
+        self.descriptions: tuple[str, ...] = ()
+        self.random_state: tuple | None = None  # the RandomState the scene was drawn with
         self.on_frame: FrameCallback | None = None  # set while recording a demo
         self.ignore_collisions = 0.0
         self._gripper_open = 1.0

@@ -65,9 +65,18 @@ class MiniTask(ABC):
     objects_xml: ClassVar[str]
     extra_xml: ClassVar[str] = ""  # top-level MJCF (e.g. <contact> excludes)
 
-    @abstractmethod
+    # Instruction templates; the first is the canonical one. Fields come from `words`.
+    phrasings: ClassVar[tuple[str, ...]]
+
+    def words(self, variation: int) -> dict[str, str]:
+        """The template fields of one variation (by default: its colour)."""
+        return {"colour": COLOUR_NAMES[variation]}
+
     def descriptions(self, variation: int) -> tuple[str, ...]:
         """Instruction phrasings of one variation (the first is the canonical one)."""
+        self.check_variation(variation)
+        words = self.words(variation)
+        return tuple(phrasing.format(**words) for phrasing in self.phrasings)
 
     @abstractmethod
     def sample(self, rng: np.random.RandomState, variation: int) -> Layout:

@@ -38,6 +38,11 @@ def _colour_pair(variation: int) -> tuple[str, str]:
     return pairs[variation]
 
 
+def _pair_words(variation: int) -> dict[str, str]:
+    first, second = _colour_pair(variation)
+    return {"first": first, "second": second}
+
+
 def _others(rng: np.random.RandomState, chosen: str, count: int) -> list[str]:
     pool = [colour for colour in COLOUR_NAMES if colour != chosen]
     return [pool[index] for index in rng.choice(len(pool), size=count, replace=False)]
@@ -63,13 +68,11 @@ class ReachTarget(MiniTask):
         for name in ("target", "distractor0", "distractor1")
     )
 
-    def descriptions(self, variation: int) -> tuple[str, ...]:
-        colour = COLOUR_NAMES[variation]
-        return (
-            f"reach the {colour} target",
-            f"touch the {colour} ball with the gripper",
-            f"move the gripper to the {colour} sphere",
-        )
+    phrasings = (
+        "reach the {colour} target",
+        "touch the {colour} ball with the gripper",
+        "move the gripper to the {colour} sphere",
+    )
 
     def sample(self, rng: np.random.RandomState, variation: int) -> Layout:
         xy = spread_positions(rng, 3, X_RANGE, Y_RANGE, 0.12)
@@ -106,13 +109,11 @@ class PickUpBlock(MiniTask):
     variations = len(COLOUR_NAMES)
     objects_xml = "".join(_block_xml(name) for name in ("block", "distractor0", "distractor1"))
 
-    def descriptions(self, variation: int) -> tuple[str, ...]:
-        colour = COLOUR_NAMES[variation]
-        return (
-            f"pick up the {colour} block",
-            f"grasp the {colour} cube and lift it",
-            f"lift the {colour} block off the table",
-        )
+    phrasings = (
+        "pick up the {colour} block",
+        "grasp the {colour} cube and lift it",
+        "lift the {colour} block off the table",
+    )
 
     def sample(self, rng: np.random.RandomState, variation: int) -> Layout:
         return Layout(
@@ -245,13 +246,11 @@ class PushButton(_Buttons):
     name = "push_button"
     variations = len(COLOUR_NAMES)
 
-    def descriptions(self, variation: int) -> tuple[str, ...]:
-        colour = COLOUR_NAMES[variation]
-        return (
-            f"push the {colour} button",
-            f"press down the {colour} button",
-            f"press the button that is {colour}",
-        )
+    phrasings = (
+        "push the {colour} button",
+        "press down the {colour} button",
+        "press the button that is {colour}",
+    )
 
     def sample(self, rng, variation) -> Layout:
         return self._layout(rng, variation, [COLOUR_NAMES[variation]])
@@ -327,6 +326,9 @@ class _Drawers(MiniTask):
             opened = self.start_open if label == DRAWERS[layout.variation] else 0.0
             set_joint_value(scene, data, f"drawer_{label}", opened)
 
+    def words(self, variation: int) -> dict[str, str]:
+        return {"drawer": DRAWERS[variation]}
+
     def _opening(self, scene, data, layout) -> float:
         return joint_value(scene, data, f"drawer_{DRAWERS[layout.variation]}")
 
@@ -338,13 +340,11 @@ class _Drawers(MiniTask):
 class OpenDrawer(_Drawers):
     name = "open_drawer"
 
-    def descriptions(self, variation: int) -> tuple[str, ...]:
-        label = DRAWERS[variation]
-        return (
-            f"open the {label} drawer",
-            f"grip the {label} handle and pull the {label} drawer open",
-            f"slide the {label} drawer open",
-        )
+    phrasings = (
+        "open the {drawer} drawer",
+        "grip the {drawer} handle and pull the {drawer} drawer open",
+        "slide the {drawer} drawer open",
+    )
 
     def success(self, scene, data, layout) -> bool:
         return self._opening(scene, data, layout) > 0.1
@@ -370,13 +370,11 @@ class SlideBlockToTarget(MiniTask):
         + _zone_xml("distractor")
     )
 
-    def descriptions(self, variation: int) -> tuple[str, ...]:
-        colour = COLOUR_NAMES[variation]
-        return (
-            f"slide the block to the {colour} target",
-            f"push the block onto the {colour} square",
-            f"move the block until it is on the {colour} target",
-        )
+    phrasings = (
+        "slide the block to the {colour} target",
+        "push the block onto the {colour} square",
+        "move the block until it is on the {colour} target",
+    )
 
     def sample(self, rng, variation) -> Layout:
         block = np.array([rng.uniform(0.05, 0.2), rng.uniform(-0.15, 0.15)])
@@ -424,13 +422,11 @@ class PlaceBlockOnTarget(MiniTask):
     variations = 4
     objects_xml = _block_xml("block") + _zone_xml("target") + _zone_xml("distractor")
 
-    def descriptions(self, variation: int) -> tuple[str, ...]:
-        colour = COLOUR_NAMES[variation]
-        return (
-            f"put the block on the {colour} target",
-            f"pick up the block and place it on the {colour} square",
-            f"place the cube onto the {colour} target",
-        )
+    phrasings = (
+        "put the block on the {colour} target",
+        "pick up the block and place it on the {colour} square",
+        "place the cube onto the {colour} target",
+    )
 
     def sample(self, rng, variation) -> Layout:
         return Layout(
@@ -482,13 +478,14 @@ class StackBlocks(MiniTask):
     variations = 12
     objects_xml = "".join(_block_xml(name) for name in ("top", "bottom", "distractor"))
 
-    def descriptions(self, variation: int) -> tuple[str, ...]:
-        top, bottom = _colour_pair(variation)
-        return (
-            f"stack the {top} block on the {bottom} block",
-            f"put the {top} cube on top of the {bottom} cube",
-            f"place the {top} block onto the {bottom} one",
-        )
+    phrasings = (
+        "stack the {first} block on the {second} block",
+        "put the {first} cube on top of the {second} cube",
+        "place the {first} block onto the {second} one",
+    )
+
+    def words(self, variation: int) -> dict[str, str]:
+        return _pair_words(variation)
 
     def sample(self, rng, variation) -> Layout:
         colours = list(_colour_pair(variation))
@@ -524,13 +521,11 @@ class CloseDrawer(_Drawers):
     start_open = 0.13
     chest_x = (0.3, 0.38)
 
-    def descriptions(self, variation: int) -> tuple[str, ...]:
-        label = DRAWERS[variation]
-        return (
-            f"close the {label} drawer",
-            f"push the {label} drawer shut",
-            f"slide the {label} drawer closed",
-        )
+    phrasings = (
+        "close the {drawer} drawer",
+        "push the {drawer} drawer shut",
+        "slide the {drawer} drawer closed",
+    )
 
     def success(self, scene, data, layout) -> bool:
         return self._opening(scene, data, layout) < 0.02
@@ -551,13 +546,14 @@ class PushButtonsInOrder(_Buttons):
     name = "push_buttons_in_order"
     variations = 12
 
-    def descriptions(self, variation: int) -> tuple[str, ...]:
-        first, second = _colour_pair(variation)
-        return (
-            f"push the {first} button, then the {second} button",
-            f"press the {first} button and after it the {second} one",
-            f"first press {first}, then press {second}",
-        )
+    phrasings = (
+        "push the {first} button, then the {second} button",
+        "press the {first} button and after it the {second} one",
+        "first press {first}, then press {second}",
+    )
+
+    def words(self, variation: int) -> dict[str, str]:
+        return _pair_words(variation)
 
     def sample(self, rng, variation) -> Layout:
         return self._layout(rng, variation, list(_colour_pair(variation)))
@@ -588,13 +584,11 @@ class KnockOverBottle(MiniTask):
         'type="cylinder" size="0.025 0.08" mass="0.15"/></body>'
     )
 
-    def descriptions(self, variation: int) -> tuple[str, ...]:
-        colour = COLOUR_NAMES[variation]
-        return (
-            f"knock over the {colour} bottle",
-            f"push the {colour} bottle so that it falls over",
-            f"topple the {colour} bottle",
-        )
+    phrasings = (
+        "knock over the {colour} bottle",
+        "push the {colour} bottle so that it falls over",
+        "topple the {colour} bottle",
+    )
 
     def sample(self, rng, variation) -> Layout:
         return Layout(
@@ -636,13 +630,11 @@ class CloseBoxLid(MiniTask):
     )
     extra_xml = '<contact><exclude body1="box" body2="lid"/></contact>'  # the hinge stops it
 
-    def descriptions(self, variation: int) -> tuple[str, ...]:
-        colour = COLOUR_NAMES[variation]
-        return (
-            f"close the lid of the {colour} box",
-            f"shut the {colour} box",
-            f"push the lid of the {colour} box closed",
-        )
+    phrasings = (
+        "close the lid of the {colour} box",
+        "shut the {colour} box",
+        "push the lid of the {colour} box closed",
+    )
 
     def sample(self, rng, variation) -> Layout:
         return Layout(
@@ -687,13 +679,11 @@ class RollBallIntoGoal(MiniTask):
         'pos="0 -0.08 0.02"/></body>'
     )
 
-    def descriptions(self, variation: int) -> tuple[str, ...]:
-        colour = COLOUR_NAMES[variation]
-        return (
-            f"roll the {colour} ball into the goal",
-            f"push the {colour} ball between the goal walls",
-            f"score a goal with the {colour} ball",
-        )
+    phrasings = (
+        "roll the {colour} ball into the goal",
+        "push the {colour} ball between the goal walls",
+        "score a goal with the {colour} ball",
+    )
 
     def sample(self, rng, variation) -> Layout:
         ball = np.array([rng.uniform(0.0, 0.08), rng.uniform(-0.15, 0.15)])

@@ -589,11 +589,11 @@ def test_constructor_rejects_bad_arguments(synthetic_shards, synthetic_root):
 
 def test_webdataset_shuffle_is_the_stage_used():
     # The training stream shuffles with wds.shuffle itself (seeded when iteration starts).
-    from agnostos.datamodules.streams import SeededShuffle, StreamState
+    from agnostos.datamodules.streams import SHUFFLE_SALT, SeededShuffle, StreamState
 
     stage = SeededShuffle(10, 5, StreamState(3))
     out = list(stage(range(30)))
     assert sorted(out) == list(range(30)) and out != list(range(30))
     assert out == list(SeededShuffle(10, 5, StreamState(3))(range(30)))
-    assert out == list(wds.shuffle(10, 5, seed=wds.utils.make_seed(3, 0, 0, 0, "shuffle"))(
+    assert out == list(wds.shuffle(10, 5, seed=wds.utils.make_seed(3, 0, 0, 0, SHUFFLE_SALT))(
         iter(range(30))))  # fmt: skip

@@ -140,6 +140,12 @@ class ResampledUnits:
         )
 
 
+# Distinguishes the shuffle seed from other seeds. An int, not a string: make_seed() mixes
+# its arguments with hash(), and str hashes are salted per process (PYTHONHASHSEED), which
+# would give every process (e.g. a resumed run) a different shuffle order.
+SHUFFLE_SALT = 0x5348554646  # "SHUFF"
+
+
 @dataclass(frozen=True)
 class SeededShuffle:
     """`wds.shuffle` with a seed drawn from (seed, epoch, rank, worker) when iteration starts."""
@@ -150,7 +156,7 @@ class SeededShuffle:
 
     def __call__(self, source: Iterable[Any]) -> Iterator[Any]:
         rank, _, worker, _ = pytorch_worker_info()
-        seed = make_seed(self.state.seed, self.state.epoch, rank, worker, "shuffle")
+        seed = make_seed(self.state.seed, self.state.epoch, rank, worker, SHUFFLE_SALT)
         return wds.shuffle(self.bufsize, self.initial, seed=seed)(iter(source))
 
 

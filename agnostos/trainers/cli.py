@@ -1,0 +1,149 @@
+"""`agnostos fit`: LightningCLI for the dynamics diffusion model.
+
+    agnostos fit --config configs/dynamics/tiny.yaml --data.shards DIR --trainer.max_steps=20
+    agnostos fit --config configs/dynamics/tiny.yaml --data.shards DIR --ckpt_path last
+    agnostos fit validate --config ... --ckpt_path last
+
+The model is `DynamicsDiffusionModule` (`--model.*`), the data `DynamicsDataModule`
+(`--data.*`), the Trainer `--trainer.*`; two callbacks have their own groups:
+`--checkpoint.*` (Lightning's ModelCheckpoint, for resuming) and `--export.*`
+(`DiffusersExport`, the `checkpoint-<step>/unet/` folders X-ICM loads).
+
+Run-directory defaults, all under `trainer.default_root_dir` unless set explicitly:
+`checkpoints/` (ModelCheckpoint; `--ckpt_path last` finds `last.ckpt` there), `export/`,
+`samples/` (validation grids), `tiny-base/` (with `model.base: tiny`), `config.yaml`
+(the full resolved config, rewritten on resume) and the W&B logger's files (`wandb/`,
+offline unless configured otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from agnostos.datamodules.dynamics import DynamicsDataModule
+from agnostos.trainers.callbacks import DiffusersExport
+from agnostos.trainers.dynamics import TINY_BASE, DynamicsDiffusionModule
+
+__all__ = ["DynamicsCLI", "FitConfigError", "run_fit"]
+
+SUBCOMMANDS = ("fit", "validate")
+DEFAULT_ROOT = "runs/dynamics"
+CHECKPOINT_DIR = "checkpoints"
+TINY_DIR = "tiny-base"
+
+
+class FitConfigError(Exception):
+    """A configuration value was rejected when the classes were built."""
+
+
+def _init_args(node: Any) -> Any:
+    """The init_args namespace of a `class_path` node, or None."""
+    return getattr(node, "init_args", None) if hasattr(node, "class_path") else None
+
+
+class DynamicsCLI(LightningCLI):
+    """LightningCLI with run-directory defaults and errors that name the bad setting."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {name: LightningCLI.subcommands()[name] for name in SUBCOMMANDS}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                # last.ckpt at every epoch end: the exact-resume point (docs/training.md).
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 1,
+                "checkpoint.every_n_epochs": 1,
+                "checkpoint.save_on_train_epoch_end": True,
+            }
+        )
+        parser.add_lightning_class_args(DiffusersExport, "export")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        # LightningCLI warns when both `args` and sys.argv are given; `agnostos fit` always
+        # passes its own argv slice, so parse exactly that.
+        self.config = parser.parse_args(args)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        trainer = config.trainer
+        if trainer.default_root_dir is None:
+            trainer.default_root_dir = DEFAULT_ROOT
+        root = Path(trainer.default_root_dir)
+        if config.checkpoint.dirpath is None:
+            config.checkpoint.dirpath = str(root / CHECKPOINT_DIR)
+        model = config.model
+        if model.base == TINY_BASE and model.tiny_dir is None:
+            model.tiny_dir = str(root / TINY_DIR)
+        loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+        for logger in loggers:
+            init = _init_args(logger)
+            if init is not None and "save_dir" in init and init.save_dir in (None, "."):
+                init.save_dir = str(root)
+                root.mkdir(parents=True, exist_ok=True)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, FileNotFoundError, FileExistsError) as error:
+            raise FitConfigError(str(error)) from error
+
+
+def _cli_args(argv: list[str], subcommand: str) -> list[str]:
+    if argv and argv[0] in SUBCOMMANDS:
+        return list(argv)
+    return [subcommand, *argv]
+
+
+def run_fit(argv: list[str], subcommand: str = "fit") -> int:
+    """Run the dynamics LightningCLI on `argv` (the arguments after `agnostos fit`).
+
+    `argv` may start with a subcommand ("fit" or "validate"); otherwise `subcommand` is
+    used. Returns the exit status: 0 on success, 2 for a rejected configuration (the
+    message names the setting), jsonargparse's status for parse errors and --help.
+    Weights & Biases runs offline unless WANDB_MODE says otherwise, and the Hugging Face
+    hub is never contacted (all weights are local).
+    """
+    if subcommand not in SUBCOMMANDS:
+        raise ValueError(f"subcommand must be one of {SUBCOMMANDS}, got {subcommand!r}")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # The frozen VAE and text encoder stay in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    try:
+        DynamicsCLI(
+            DynamicsDiffusionModule,
+            DynamicsDataModule,
+            args=_cli_args(argv, subcommand),
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "default_root_dir": DEFAULT_ROOT,
+                "reload_dataloaders_every_n_epochs": 1,
+            },
+            seed_everything_default=0,
+            auto_configure_optimizers=False,
+        )
+    except SystemExit as stop:
+        code = stop.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except FitConfigError as error:
+        print(f"agnostos fit: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main() -> int:
+    return run_fit(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

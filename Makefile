@@ -15,7 +15,7 @@ setup: $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[dev]"
 
 demo: setup
-	MUJOCO_GL=egl WANDB_MODE=offline $(BIN)/agnostos demo --out runs/demo
+	MUJOCO_GL=egl WANDB_MODE=offline $(BIN)/agnostos demo --config configs/demo.yaml
 
 test: setup
 	$(BIN)/ruff check agnostos tests benchmarks

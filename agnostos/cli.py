@@ -5,7 +5,9 @@ Subcommands:
   agnostos shards verify OUT        re-hash and fully decode every shard
   agnostos shards info OUT          tasks, episodes, frames, bytes, cameras
   agnostos sim generate|render|tasks  minibench: scripted demos, scene views, task list
-  agnostos demo [--out DIR]         the main job on the built-in data (see `run_demo`)
+  agnostos fit --config YAML ...    train the dynamics diffusion model (LightningCLI)
+  agnostos bank build|info|import-pkl|export-pkl   the X-ICM demo bank
+  agnostos demo [--config YAML]     the main job on minibench (see `agnostos.demo`)
 
 Heavy imports happen inside the handlers so `agnostos --help` stays instant.
 """
@@ -16,6 +18,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from agnostos.evaluation.bank_cli import add_bank_commands
+
+# Subcommands whose arguments go to LightningCLI unparsed.
+LIGHTNING_COMMANDS = ("fit", "validate")
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -226,30 +233,55 @@ def _sim_tasks(args: argparse.Namespace) -> int:
 def _add_demo_command(subparsers: argparse._SubParsersAction) -> None:
     demo = subparsers.add_parser(
         "demo",
-        help="run the main job on the built-in data",
-        description="Write the built-in episodes in RLBench layout, convert them to shards, "
-        "verify the shards and print their summary.",
+        help="run the main job: minibench demos -> shards -> dynamics model -> bank -> retrieval",
+        description="Generate minibench demos of the seen and unseen tasks, convert them to "
+        "shards, train the tiny dynamics diffusion model, build the demo bank and report the "
+        "top-K demos retrieved for every unseen-task demo. Resumes where it stopped. Settings "
+        "come from --config (default configs/demo.yaml); flags override them.",
     )
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="working folder")
-    demo.add_argument("--episodes-per-task", type=int, default=4)
+    demo.add_argument("--config", type=Path, default=None, help="demo YAML (configs/demo.yaml)")
+    demo.add_argument("--out", default=None, help="working folder (runs/demo)")
+    for flag in ("seen-episodes", "unseen-episodes", "train-steps", "batch-size",
+                 "sampling-steps", "top-k", "workers", "seed"):  # fmt: skip
+        demo.add_argument(f"--{flag}", type=int, default=None)
+    demo.add_argument("--seen-tasks", type=_csv, default=None, help="subset, e.g. open_drawer")
+    demo.add_argument("--unseen-tasks", type=_csv, default=None, help="subset of unseen tasks")
+    demo.add_argument("--ranker", default=None, help="lang_vis_out (X-ICM), cosine or random")
+    demo.add_argument("--no-wandb", action="store_true", help="skip the offline W&B runs")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from agnostos.shards.convert import ConvertOptions, convert
-    from agnostos.shards.synthetic import write_synthetic_dataset
-    from agnostos.shards.verify import format_info, verify
+    from agnostos.demo import DEMO_CONFIG, DemoConfig, run_demo
 
-    episodes_dir, shards_dir = args.out / "episodes", args.out / "shards"
-    if not episodes_dir.exists():
-        write_synthetic_dataset(episodes_dir, episodes_per_task=args.episodes_per_task)
-    result = convert(episodes_dir, shards_dir, ConvertOptions(shard_size=200_000))
-    report = verify(shards_dir)
-    print(format_info(result.manifest))
-    for fault in report.faults:
-        print(f"FAULT {fault}", file=sys.stderr)
-    print(f"\nverify: {'OK' if report.ok else 'FAILED'} ({shards_dir})")
-    return 0 if report.ok else 1
+    overrides = {
+        name: getattr(args, name)
+        for name in ("out", "seen_episodes", "unseen_episodes", "train_steps", "batch_size",
+                     "sampling_steps", "top_k", "workers", "seed", "ranker", "seen_tasks",
+                     "unseen_tasks")
+    }  # fmt: skip
+    if args.no_wandb:
+        overrides["wandb"] = False
+    if args.no_progress:
+        overrides["progress"] = False
+    config_path = args.config or DEMO_CONFIG
+    try:
+        config = DemoConfig.from_yaml(config_path, **overrides)
+    except ValueError as error:
+        print(f"agnostos demo: error: {error}", file=sys.stderr)
+        return 2
+    run_demo(config)
+    return 0
+
+
+def _add_fit_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Listed for --help only: `main` hands these arguments to LightningCLI untouched."""
+    for name, text in (
+        ("fit", "train the dynamics diffusion model (LightningCLI: --config, --trainer.*, ...)"),
+        ("validate", "validate a dynamics diffusion checkpoint (LightningCLI)"),
+    ):
+        subparsers.add_parser(name, help=text, add_help=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,11 +289,18 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_shards_commands(subparsers)
     _add_sim_commands(subparsers)
+    _add_fit_commands(subparsers)
+    add_bank_commands(subparsers)
     _add_demo_command(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        from agnostos.trainers.cli import run_fit
+
+        return run_fit(argv)
     args = build_parser().parse_args(argv)
     return args.handler(args)
 

@@ -138,7 +138,20 @@ def run_fit(argv: list[str], subcommand: str = "fit") -> int:
     except FitConfigError as error:
         print(f"agnostos fit: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        _finish_wandb_run()
     return 0
+
+
+def _finish_wandb_run() -> None:
+    """Close the logger's W&B run, so a caller in the same process can start its own.
+
+    Lightning leaves the run open after `fit`; a later `wandb.init` in the same process
+    would then not write its run (the demo job logs a retrieval run right after training).
+    """
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.run.finish()
 
 
 def main() -> int:

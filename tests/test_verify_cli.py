@@ -63,13 +63,6 @@ def test_info_on_a_folder_without_manifest_is_a_clear_error(tmp_path, capsys):
     assert "no shard manifest here" in capsys.readouterr().err
 
 
-def test_demo_main_job_converts_and_verifies(tmp_path, capsys):
-    assert cli(["demo", "--out", str(tmp_path / "demo"), "--episodes-per-task", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "verify: OK" in out and "episodes    4" in out
-    assert (tmp_path / "demo/shards/manifest.json").exists()
-
-
 def test_verify_finds_a_corrupt_png_inside_a_sample(synthetic_root, tmp_path, capsys):
     """A bit flip in a source PNG passes conversion's fast check; verify's CRC catches it."""
     import shutil

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
+from xicm_layout import xicm_features
 
 from agnostos.evaluation.bank import (
     BANK_JSON,
@@ -381,19 +382,7 @@ def test_loading_errors_name_the_file_and_key(built: Path, tmp_path: Path) -> No
 def _published_layout(rng: np.random.Generator, per_task: int = 8) -> dict:
     """A hand-built bank in the `all_diffusion_features.pkl` layout (xicm_method.md 6.2)."""
     root = "/remote-home/jiamingz/X-ICM/data/seen_tasks/train"
-    paths = [
-        f"{root}/{task}/all_variations/episodes/episode{episode}"
-        for task in ("close_jar", "open_drawer", "push_buttons")
-        for episode in range(per_task)
-    ]
-    size = len(paths)
-    bos = rng.normal(size=1024).astype(np.float32)
-    return {
-        "all_demo_paths": paths,
-        "all_input_image_feats": rng.normal(size=(size, 1024)).astype(np.float32),
-        "all_output_image_feats": rng.normal(size=(size, 1024)).astype(np.float32),
-        "all_prompt_feats": np.tile(bos, (size, 1)),
-    }
+    return xicm_features(rng, root, ("close_jar", "open_drawer", "push_buttons"), per_task)
 
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])

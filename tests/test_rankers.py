@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from xicm_layout import xicm_features
 
 from agnostos.evaluation.rankers import (
     CosineRanker,
@@ -26,19 +27,7 @@ SEEN = "/data/seen_tasks/train"
 
 def _xicm_features(rng: np.random.Generator, tasks: list[str], per_task: int) -> dict:
     """A bank in X-ICM's `all_diffusion_features.pkl` schema (float32 like the original)."""
-    paths = [
-        f"{SEEN}/{task}/all_variations/episodes/episode{episode}"
-        for task in tasks
-        for episode in range(per_task)
-    ]
-    size = len(paths)
-    bos = rng.normal(size=1024).astype(np.float32)
-    return {
-        "all_demo_paths": paths,
-        "all_input_image_feats": rng.normal(size=(size, 1024)).astype(np.float32),
-        "all_output_image_feats": rng.normal(size=(size, 1024)).astype(np.float32),
-        "all_prompt_feats": np.tile(bos, (size, 1)),
-    }
+    return xicm_features(rng, SEEN, tasks, per_task)
 
 
 def test_lang_vis_out_matches_xicm_code_on_a_pickle_schema_bank() -> None:

@@ -9,7 +9,10 @@ the folder reader and >= 70% of the decode ceiling. This script measures, in one
    $AGNOSTOS_SHARED_DATA or `<repo>/../shared/data`) copied --copies times each (real
    file copies), converted twice: the standard shards (all five cameras, rgb+depth+mask)
    and front-RGB-only shards (`--cameras front --modalities rgb`, what the dynamics model
-   reads); every file is then read once so all methods see a warm page cache;
+   reads); every file is then read once so all methods see a warm page cache. The
+   standard shards are also read a second way, ignoring the member index and walking
+   every tar header (the reader's cost before shards had indexes, and still its cost on
+   version-1 shards), so the index's effect is measured in the same run;
 2. for three pair definitions, X-ICM's (frame 0 -> last frame, one pair per episode),
    frame 0 and each keyframe -> the next keyframe (a few pairs per episode) and every
    frame -> last frame (T - 1 pairs per episode): `DynamicsDataModule.train_dataloader()`
@@ -31,6 +34,7 @@ the folder reader and >= 70% of the decode ceiling. This script measures, in one
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -57,6 +61,7 @@ from agnostos.datamodules.dynamics import (
 )
 from agnostos.datamodules.episodes import FolderEpisode
 from agnostos.datamodules.streams import StreamState
+from agnostos.datamodules.tar_stream import TarSamples
 from agnostos.shards.convert import ConvertOptions, convert
 from agnostos.shards.folders import discover_episodes, read_episode
 
@@ -109,6 +114,7 @@ class Measurement:
     mode: str
     method: str
     rates: list[float] = field(default_factory=list)
+    loads: list[float] = field(default_factory=list)  # 1-minute load average after each run
 
     @property
     def best(self) -> float:
@@ -126,12 +132,26 @@ def epoch_rates(loader: DataLoader, epochs: int) -> list[float]:
     return rates
 
 
+class HeaderWalkDynamics(DynamicsDataModule):
+    """`DynamicsDataModule` whose shard reader ignores member indexes and walks every tar
+    header: what reading cost before shards had indexes (and costs on version-1 shards)."""
+
+    def read_stages(self, entries):
+        stages = super().read_stages(entries)
+        return [
+            dataclasses.replace(stage, use_index=False) if isinstance(stage, TarSamples) else stage
+            for stage in stages
+        ]
+
+
 def module_rate(
-    source: dict[str, str], input_frame: str, target_frame: str, samples: int, workers: int
+    source: dict[str, Any], input_frame: str, target_frame: str, samples: int, workers: int
 ) -> float:
     """Steady-state rate: epoch 1 starts the workers and fills the shuffle buffer (the
     training stream continues across epochs), epoch 2 is timed."""
-    module = DynamicsDataModule(
+    source = dict(source)
+    kind = source.pop("module", DynamicsDataModule)
+    module = kind(
         **source,
         input_frame=input_frame,
         target_frame=target_frame,
@@ -220,14 +240,16 @@ def table(mode: str, measurements: list[Measurement]) -> str:
     lines = [
         f"**{mode}**",
         "",
-        "| method | samples/s (best) | x folder reader | % of decode ceiling | runs |",
-        "|---|---:|---:|---:|---|",
+        "| method | samples/s (best) | x folder reader | % of decode ceiling | runs "
+        "| load after each run |",
+        "|---|---:|---:|---:|---|---|",
     ]
     for name, m in rows.items():
         runs = ", ".join(f"{rate:.0f}" for rate in m.rates)
+        loads = ", ".join(f"{load:.2f}" for load in m.loads)
         lines.append(
             f"| {name} | {m.best:.0f} | {m.best / folder:.2f} | {100 * m.best / ceiling:.0f}% "
-            f"| {runs} |"
+            f"| {runs} | {loads} |"
         )
     return "\n".join(lines)
 
@@ -259,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         warm_page_cache(folders, full, front)
         sources = {
             "shards (all cameras and modalities)": {"shards": str(full)},
+            "shards (all cameras and modalities), header walk": {
+                "shards": str(full),
+                "module": HeaderWalkDynamics,
+            },
             "shards (front RGB only)": {"shards": str(front)},
             "folder reader": {"folders": str(folders)},
         }
@@ -276,7 +302,11 @@ def main(argv: list[str] | None = None) -> int:
                             sources[row.method], input_frame, target_frame, samples, args.workers
                         )
                     row.rates.append(rate)
-                    print(f"{mode} | {row.method}: {rate:.0f} samples/s", flush=True)
+                    row.loads.append(load_average()[0])
+                    print(
+                        f"{mode} | {row.method}: {rate:.0f} samples/s (load {row.loads[-1]:.2f})",
+                        flush=True,
+                    )
             measurements += rows
             del specs
     finally:

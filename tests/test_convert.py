@@ -56,6 +56,8 @@ def test_real_sample_round_trip_is_exact(sample_root, tmp_path):
     for actual, expected in zip(loaded, originals, strict=True):
         assert_episodes_equal(actual, expected)
     assert [e.keyframes for e in loaded] == [(70, 85, 124), (64, 77, 107)]
+    assert [e.keyframes for e in result.manifest.episodes] == [(70, 85, 124), (64, 77, 107)]
+    assert Manifest.load(tmp_path / "out") == result.manifest
     assert verify(tmp_path / "out").ok
 
 

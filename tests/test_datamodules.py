@@ -114,6 +114,35 @@ def test_readers_fetch_only_the_members_samples_use(synthetic_shards):
     assert {f.split(".")[0] for f in sample if not f.startswith("__")} == {
         "json", "low_dim", "wrist_rgb"
     }  # fmt: skip
+    # The manifest's keyframes name the state frames: frame 0 and every keyframe but the last.
+    entry = keyframes.split.train[0]
+    states = sorted({0, *entry.keyframes[:-1]})
+    assert sorted(f for f in sample if f.startswith("wrist_rgb.")) == sorted(
+        f"wrist_rgb.{frame}.png" for frame in states
+    )
+
+
+def test_manifest_keyframes_give_exact_epoch_lengths(synthetic_shards, synthetic_root):
+    episodes = {e.key: e for e in map(read_episode, discover_episodes(synthetic_root))}
+    manifest = Manifest.load(synthetic_shards)
+    assert {e.key: e.keyframes for e in manifest.episodes} == {
+        key: episode.keyframes for key, episode in episodes.items()
+    }
+    module = KeyframeDataModule(shards=str(synthetic_shards), **FAST)
+    module.setup("fit")
+    transitions = sum(len(episodes[entry.key].keyframes) for entry in module.split.train)
+    assert module.default_epoch_samples() == transitions
+    pairs = DynamicsDataModule(
+        shards=str(synthetic_shards), input_frame="keyframes", target_frame="next_keyframe", **FAST
+    )
+    pairs.setup("fit")
+    assert pairs.default_epoch_samples() == sum(
+        len(dynamics_pairs(24, episodes[e.key].keyframes, "keyframes", "next_keyframe"))
+        for e in pairs.split.train
+    )
+    folders = KeyframeDataModule(folders=str(synthetic_root), **FAST)
+    folders.setup("fit")  # folder catalogues know no keyframes: one sample per episode
+    assert folders.default_epoch_samples() == len(folders.split.train)
 
 
 def test_shard_views_answer_like_the_episode_api(sample_shards, sample_root):

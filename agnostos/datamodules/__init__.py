@@ -5,7 +5,8 @@
 - `KeyframeDataModule` -> `KeyframeBatch`: (camera images, proprio, instruction, next
   keyframe action(s) through an action codec) for VLA fine-tuning.
 
-Pipelines, splitting and seeding: `streams.py`; the shard reader: `tar_stream.py`.
+Pipelines, splitting and seeding: `streams.py`; the shard reader: `agnostos.shards.reading`
+(jumps through each sample's member index), as a pipeline stage in `tar_stream.py`.
 """
 
 from agnostos.datamodules.base import EpisodeDataModule

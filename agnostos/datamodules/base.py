@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import lightning as L
@@ -56,8 +56,8 @@ class EpisodeDataModule(L.LightningDataModule, ABC):
         shuffle_buffer: samples held in the shuffle buffer (after episode expansion).
         shuffle_initial: samples gathered before the first one is yielded.
         epoch_samples: samples per training epoch over all ranks (default: one pass over
-            the training samples when the manifest's frame counts determine it, else one
-            sample per training episode).
+            the training samples when the catalogue's frame counts and keyframes determine
+            it, else one sample per training episode).
         image_size: square side of every image after centre-crop and resize.
         instruction: "first" (the first variation description, X-ICM's choice) or
             "random" (drawn per sample, seeded).
@@ -137,13 +137,19 @@ class EpisodeDataModule(L.LightningDataModule, ABC):
     def collator(self) -> Callable[[list[Any]], Any]:
         """items -> typed batch (a module-level function: pipelines must pickle)."""
 
-    def samples_per_episode(self, frames: int | None) -> int | None:
-        """Samples one episode expands into, when its frame count alone decides it."""
+    def samples_per_episode(
+        self, frames: int | None, keyframes: Sequence[int] | None = None
+    ) -> int | None:
+        """Samples one episode expands into, when its frame count and keyframes (None:
+        unknown) decide it."""
         return None
 
-    def exact_fields(self, frames: int | None) -> frozenset[str] | None:
-        """The only fields an episode of `frames` frames needs, when known before reading it
-        (then the reader skips every other member); None: use `fields()`."""
+    def exact_fields(
+        self, frames: int | None, keyframes: Sequence[int] | None = None
+    ) -> frozenset[str] | None:
+        """The only fields an episode needs, when its frame count and keyframes (None:
+        unknown) tell before reading it; the reader then fetches just those members.
+        None: use `fields()`."""
         return None
 
     # -- data source and split -----------------------------------------------------------
@@ -151,6 +157,8 @@ class EpisodeDataModule(L.LightningDataModule, ABC):
     def catalogue(self) -> list[CatalogueEntry]:
         if self.shards is not None:
             return shard_catalogue(self.shards, self.manifest, self.tasks)
+        # Count frames (one directory listing per episode) only when they alone decide the
+        # sample count: folder catalogues know no keyframes.
         frames_camera = self.cameras[0] if self.samples_per_episode(1) is not None else None
         return folder_catalogue(self.folders, self.tasks, frames_camera)
 
@@ -178,7 +186,9 @@ class EpisodeDataModule(L.LightningDataModule, ABC):
     def read_stages(self, entries: tuple[CatalogueEntry, ...]) -> list[Any]:
         """Stages turning `{"url": unit}` dicts into episode views of `entries` only."""
         if self.shards is not None:
-            exact = {entry.key: self.exact_fields(entry.frames) for entry in entries}
+            exact = {
+                entry.key: self.exact_fields(entry.frames, entry.keyframes) for entry in entries
+            }
             only = {key: fields for key, fields in exact.items() if fields is not None}
             return [
                 TarSamples(self.fields(), Split.keys(entries), only or None),
@@ -187,7 +197,9 @@ class EpisodeDataModule(L.LightningDataModule, ABC):
         return [ReadFolderEpisodes(str(self.folders), self.cameras)]
 
     def default_epoch_samples(self) -> int:
-        counts = [self.samples_per_episode(entry.frames) for entry in self.split.train]
+        counts = [
+            self.samples_per_episode(entry.frames, entry.keyframes) for entry in self.split.train
+        ]
         if all(count is not None for count in counts):
             return max(1, sum(counts))
         return len(self.split.train)

@@ -24,15 +24,19 @@ from agnostos.shards.manifest import MANIFEST_NAME, Manifest
 
 @dataclass(frozen=True)
 class CatalogueEntry:
-    """One episode: its sample key, task, frame count (when known) and the unit holding it.
+    """One episode: its sample key, task, frame count and keyframes (when known) and the
+    unit holding it.
 
-    `unit` is the shard URL for shards and the episode key itself for folders.
+    `unit` is the shard URL for shards and the episode key itself for folders. Keyframes
+    come from version-2 manifests; folders (whose keyframes would need every pickle) and
+    older manifests leave them None.
     """
 
     key: str
     task: str
     frames: int | None
     unit: str
+    keyframes: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,9 @@ def shard_catalogue(
     else:
         urls = match_urls(expand_urls(shards), loaded, manifest)
     entries = [
-        CatalogueEntry(episode.key, episode.task, episode.frames, urls[shard.name])
+        CatalogueEntry(
+            episode.key, episode.task, episode.frames, urls[shard.name], episode.keyframes
+        )
         for shard in loaded.shards
         if shard.name in urls
         for episode in shard.episodes

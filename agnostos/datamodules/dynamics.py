@@ -273,19 +273,31 @@ class DynamicsDataModule(EpisodeDataModule):
     def fields(self) -> FieldSelection:
         return FieldSelection(frozenset({JSON_EXT}), (f"{self.camera}_rgb.",))
 
-    def samples_per_episode(self, frames: int | None) -> int | None:
-        if frames is None or self.input_frame == "keyframes":
+    def _pairs(
+        self, frames: int | None, keyframes: Sequence[int] | None
+    ) -> list[tuple[int, int]] | None:
+        """An episode's pairs, when its frame count (and, in the keyframe modes, its
+        keyframes) are known before reading it."""
+        needs_keyframes = self.input_frame == "keyframes" or self.target_frame == "next_keyframe"
+        if frames is None or (needs_keyframes and keyframes is None):
             return None
-        if self.target_frame == "next_keyframe":
-            return None
-        return len(dynamics_pairs(frames, (), self.input_frame, self.target_frame,
-                                  self.target_offset))  # fmt: skip
+        return dynamics_pairs(frames, keyframes or (), self.input_frame, self.target_frame,
+                              self.target_offset)  # fmt: skip
 
-    def exact_fields(self, frames: int | None) -> frozenset[str] | None:
-        """X-ICM pairs need two frames of ~125: name them so the reader skips the rest."""
-        if self.input_frame == "all" or self.samples_per_episode(frames) is None:
+    def samples_per_episode(
+        self, frames: int | None, keyframes: Sequence[int] | None = None
+    ) -> int | None:
+        pairs = self._pairs(frames, keyframes)
+        return None if pairs is None else len(pairs)
+
+    def exact_fields(
+        self, frames: int | None, keyframes: Sequence[int] | None = None
+    ) -> frozenset[str] | None:
+        """X-ICM pairs need two frames of ~125, keyframe pairs about four: name them so the
+        reader fetches only those (every-frame inputs read the camera's whole prefix)."""
+        pairs = self._pairs(frames, keyframes)
+        if pairs is None or self.input_frame == "all":
             return None
-        pairs = dynamics_pairs(frames, (), self.input_frame, self.target_frame, self.target_offset)
         used = {index for pair in pairs for index in pair}
         return frozenset({JSON_EXT, *(frame_ext(self.camera, "rgb", i) for i in used)})
 

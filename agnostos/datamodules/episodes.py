@@ -13,7 +13,6 @@ the same questions with the same values, which the tests check against the Episo
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -25,7 +24,13 @@ import numpy as np
 from agnostos.shards.episode import Episode
 from agnostos.shards.folders import EpisodeError, EpisodeLocation, read_episode
 from agnostos.shards.pickles import PickleReadError, PickleRefusedError
-from agnostos.shards.samples import FORMAT_VERSION, JSON_EXT, LOW_DIM_EXT, frame_ext
+from agnostos.shards.samples import (
+    JSON_EXT,
+    LOW_DIM_EXT,
+    READABLE_FORMAT_VERSIONS,
+    frame_ext,
+    load_json,
+)
 
 _EPISODE_PREFIX = "episode"
 
@@ -60,8 +65,8 @@ class ShardEpisode:
         self.key = str(sample.get("__key__", "?"))
         self.origin = str(sample.get("__url__", "<shard>"))
         try:
-            meta = json.loads(sample[JSON_EXT])
-            if meta.get("format_version") != FORMAT_VERSION:
+            meta = load_json(sample[JSON_EXT])
+            if meta.get("format_version") not in READABLE_FORMAT_VERSIONS:
                 raise ValueError(f"unsupported format_version {meta.get('format_version')!r}")
             self.task: str = meta["task"]
             self.variation: int = int(meta["variation"])

@@ -232,8 +232,11 @@ class KeyframeDataModule(EpisodeDataModule):
             statistics are computed from the training episodes at setup (low-dim data only)
             and kept in `self.stats`, so they can be saved with the model.
 
-    Without epoch_samples, an epoch is one sample per training episode (the manifest does
-    not record keyframe counts, and counting them would mean reading every shard).
+    Without epoch_samples, an epoch is one pass over the training transitions when the
+    catalogue knows every episode's keyframes (shards with a version-2 manifest), else one
+    sample per training episode (folders, older manifests: counting keyframes would mean
+    reading every pickle or shard). Known keyframes also let the shard reader fetch only
+    the state frames the transitions use.
     """
 
     def __init__(
@@ -299,6 +302,21 @@ class KeyframeDataModule(EpisodeDataModule):
         return FieldSelection(
             frozenset({JSON_EXT, LOW_DIM_EXT}), tuple(f"{camera}_rgb." for camera in self.cameras)
         )
+
+    def samples_per_episode(
+        self, frames: int | None, keyframes: Sequence[int] | None = None
+    ) -> int | None:
+        return None if keyframes is None else len(keyframes)
+
+    def exact_fields(
+        self, frames: int | None, keyframes: Sequence[int] | None = None
+    ) -> frozenset[str] | None:
+        """Metadata, low-dim arrays and the chosen cameras' images at the state frames."""
+        if keyframes is None:
+            return None
+        states = {state for state, _ in keyframe_transitions(keyframes, self.state_frame)}
+        images = {frame_ext(camera, "rgb", state) for camera in self.cameras for state in states}
+        return frozenset({JSON_EXT, LOW_DIM_EXT, *images})
 
     def low_dim_views(self, entries: Sequence[CatalogueEntry]) -> Iterator[EpisodeView]:
         """Episode views without images (metadata and low-dim arrays only), in order."""

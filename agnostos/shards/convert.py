@@ -39,8 +39,17 @@ from agnostos.shards.manifest import (
     SkippedEpisode,
 )
 from agnostos.shards.pickles import PickleReadError, PickleRefusedError
-from agnostos.shards.samples import frame_ext, iter_frame_fields, metadata_fields
-from agnostos.shards.tar import END_OF_ARCHIVE, TarBuilder
+from agnostos.shards.samples import (
+    FORMAT_VERSION,
+    JSON_EXT,
+    LOW_DIM_EXT,
+    frame_ext,
+    iter_frame_fields,
+    low_dim_npz,
+    member_index,
+    metadata_json,
+)
+from agnostos.shards.tar import END_OF_ARCHIVE, TarBuilder, tar_member
 
 PROGRESS_NAME = "convert-progress.json"
 SHARD_PATTERN = "shard-{index:06d}.tar"
@@ -95,14 +104,22 @@ class ConvertOptions:
 class EncodedEpisode:
     """A validated episode ready to be written: its tar members and its manifest entry.
 
-    `tar` is a view into a reused `TarBuilder` when encoded in this process (hand the
-    builder back once the view is written) and plain bytes when it came from a worker.
+    The sample is `head` (the json member, with the member index) followed by `tar` (every
+    later member). They stay two buffers so the episode's ~20 MB of frames are never
+    copied just to put the small json in front of them. `tar` is a view into a reused
+    `TarBuilder` when encoded in this process (hand the builder back once the view is
+    written) and plain bytes when it came from a worker.
     """
 
     entry: ShardEpisode
+    head: bytes
     tar: bytes | memoryview
     image_size: tuple[int, int]
     builder: TarBuilder | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.head) + len(self.tar)
 
 
 @dataclass
@@ -125,9 +142,12 @@ def encode_episode(
     builder.clear()
     try:
         episode = read_episode(location, cameras, modalities)
-        image_size = _add_frames(episode, builder)
-        for field, data in metadata_fields(episode, image_size).items():
-            builder.add(f"{episode.key}.{field}", data)
+        fields, spans, image_size = _add_frames(episode, builder)
+        # The builder starts where the json member ends, so its offsets are the index's.
+        fields.append(LOW_DIM_EXT)
+        spans.append(builder.add(f"{episode.key}.{LOW_DIM_EXT}", low_dim_npz(episode)))
+        index = member_index(fields, spans, builder.size)
+        head = tar_member(f"{episode.key}.{JSON_EXT}", metadata_json(episode, image_size, index))
     except (PickleReadError, PickleRefusedError, OSError, ValueError, KeyError, TypeError) as err:
         # EpisodeError is a ValueError; other ValueErrors/TypeErrors come from malformed
         # pickle contents. Name the episode folder when the message does not already.
@@ -140,20 +160,25 @@ def encode_episode(
         episode=episode.episode,
         frames=episode.num_frames,
         source=episode.source,
+        keyframes=tuple(episode.keyframes),
     )
-    return EncodedEpisode(entry, builder.view(), image_size, builder)
+    return EncodedEpisode(entry, head, builder.view(), image_size, builder)
 
 
-def _add_frames(episode: Episode, builder: TarBuilder) -> tuple[int, int]:
-    """Copy every frame file into the builder, checking each PNG; returns the image size.
+def _add_frames(
+    episode: Episode, builder: TarBuilder
+) -> tuple[list[str], list[tuple[int, int]], tuple[int, int]]:
+    """Copy every frame file into the builder, checking each PNG; returns the frames'
+    fields and data spans in the builder, and the image size.
 
     Frames of one episode share their first 24 bytes (signature, IHDR length and type,
     width, height), so after the first frame the check is two slice comparisons; any
     mismatch is re-checked by `check_png` for an error that says what is wrong.
     """
     paths = [episode.frames.path(*field) for field in iter_frame_fields(episode)]
-    names = [f"{episode.key}.{frame_ext(*field)}" for field in iter_frame_fields(episode)]
-    spans = builder.add_files(zip(names, paths, strict=True))
+    fields = [frame_ext(*field) for field in iter_frame_fields(episode)]
+    prefix = episode.key + "."
+    spans = builder.add_files(zip([prefix + field for field in fields], paths, strict=True))
     buffer = builder.buffer
     first_start, first_end = spans[0]
     head = bytes(buffer[first_start : first_start + _PNG_HEAD])
@@ -170,7 +195,7 @@ def _add_frames(episode: Episode, builder: TarBuilder) -> tuple[int, int]:
             if size != png_size(head):
                 raise EpisodeError(f"{path}: image is {size}, other frames are {png_size(head)}")
             raise EpisodeError(f"{path}: IHDR chunk header differs from the first frame's")
-    return check_png(buffer[first_start:first_end])
+    return fields, spans, check_png(buffer[first_start:first_end])
 
 
 @functools.cache
@@ -270,23 +295,29 @@ class _OpenShard:
         self.bytes = 0
         self._written = self._flushed = 0  # writer-thread state: bytes out, writeback started
 
-    def _append(self, data: bytes | memoryview, written: Callable[[], None] | None = None) -> None:
-        self._sha256.update(data)
-        self._handle.write(data)
-        self._written += len(data)
+    def _append(
+        self, parts: tuple[bytes | memoryview, ...], written: Callable[[], None] | None = None
+    ) -> None:
+        """Hash and write `parts` in order (for an episode: json member, then the rest)."""
+        for data in parts:
+            self._sha256.update(data)
+            self._handle.write(data)
+            self._written += len(data)
         if self._written - self._flushed >= self._WRITEBACK_STEP:
             self._handle.flush()
             start_writeback(self._handle.fileno(), self._flushed, self._written - self._flushed)
             self._flushed = self._written
-        if isinstance(data, memoryview):
-            data.release()  # the builder behind it may now grow or be reused
+        for data in parts:
+            if isinstance(data, memoryview):
+                data.release()  # the builder behind it may now grow or be reused
         if written is not None:
             written()
 
     def write(self, encoded: EncodedEpisode, written: Callable[[], None] | None = None) -> None:
         """Queue the episode's bytes; `written` runs on the writer thread once they are out."""
-        size = len(encoded.tar)
-        self._pending.append(self._thread.submit(self._append, encoded.tar, written))
+        size = encoded.size
+        parts = (encoded.head, encoded.tar)
+        self._pending.append(self._thread.submit(self._append, parts, written))
         while len(self._pending) > self._IN_FLIGHT:
             self._pending.popleft().result()
         self.episodes.append(encoded.entry)
@@ -310,7 +341,7 @@ class _OpenShard:
     def _write_trailer(self) -> None:
         while self._pending:
             self._pending.popleft().result()
-        self._append(END_OF_ARCHIVE)
+        self._append((END_OF_ARCHIVE,))
         self.bytes += len(END_OF_ARCHIVE)
 
 
@@ -343,9 +374,14 @@ class _Progress:
 
 
 def _fingerprint(options: ConvertOptions, locations: Sequence[EpisodeLocation]) -> str:
-    """Identifies a conversion: the output-defining options and the exact episode list."""
+    """Identifies a conversion: the sample format, the output-defining options and the
+    exact episode list (so a run never resumes shards written in another format)."""
     payload = json.dumps(
-        {"options": options.as_json(), "episodes": [loc.relative for loc in locations]},
+        {
+            "format_version": FORMAT_VERSION,
+            "options": options.as_json(),
+            "episodes": [loc.relative for loc in locations],
+        },
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()
@@ -358,8 +394,9 @@ def _resume_state(out: Path, fingerprint: str) -> _Progress:
     progress = _Progress.load(progress_path)
     if progress.fingerprint != fingerprint:
         raise ConvertError(
-            f"{progress_path}: an unfinished conversion with different options or input is "
-            "in this folder; finish it with its original arguments or use a new output folder"
+            f"{progress_path}: an unfinished conversion with different options or input (or "
+            "one by an agnostos writing another shard format) is in this folder; finish it "
+            "with its original arguments and agnostos version, or use a new output folder"
         )
     for shard in progress.shards:
         path = out / shard.name
@@ -406,7 +443,7 @@ def convert(
         if manifest.fingerprint != fingerprint:
             raise ConvertError(
                 f"{out / MANIFEST_NAME}: this folder already holds shards converted with other "
-                "options or input; choose a new output folder"
+                "options or input (or in another shard format); choose a new output folder"
             )
         return ConvertResult(manifest, 0, len(locations), already_complete=True)
 
@@ -453,7 +490,7 @@ def convert(
                 bar.write(f"skipped {result.source}: {result.reason}")
             else:
                 progress.image_size = result.image_size
-                size = len(result.tar)  # read before the writer thread releases the view
+                size = result.size  # read before the writer thread releases the view
                 if shard is not None and shard.bytes + size > options.shard_size:
                     close_shard(position)
                 if shard is None:

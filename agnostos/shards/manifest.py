@@ -1,7 +1,12 @@
 """The shard manifest: what each shard holds, its checksum, and dataset-level facts.
 
 `manifest.json` is written once, atomically, when a conversion finishes. Readers use it
-for counts (epoch lengths, exact validation coverage) without opening the shards.
+for counts (epoch lengths, exact validation coverage) and, since version 2, for each
+episode's keyframes, so a pipeline knows how many samples an episode gives and which of
+its frames they use before opening any shard.
+
+Versions: 1 (no per-episode keyframes; its shards hold version-1 samples, without member
+indexes) is still read; its episodes have `keyframes=None`.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from agnostos.atomic import atomic_write_json
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "agnostos-shards"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+READABLE_MANIFEST_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,14 @@ class ShardEpisode:
     episode: int
     frames: int
     source: str
+    keyframes: tuple[int, ...] | None = None  # None in version-1 manifests
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ShardEpisode:
+        fields = dict(data)
+        if fields.get("keyframes") is not None:
+            fields["keyframes"] = tuple(int(frame) for frame in fields["keyframes"])
+        return cls(**fields)
 
 
 @dataclass(frozen=True)
@@ -44,7 +58,7 @@ class ShardEntry:
             name=data["name"],
             bytes=data["bytes"],
             sha256=data["sha256"],
-            episodes=tuple(ShardEpisode(**episode) for episode in data["episodes"]),
+            episodes=tuple(ShardEpisode.from_json(episode) for episode in data["episodes"]),
         )
 
 
@@ -103,8 +117,11 @@ class Manifest:
     def from_json(cls, data: dict[str, Any]) -> Manifest:
         if data.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"not an agnostos shard manifest (format={data.get('format')!r})")
-        if data.get("version") != MANIFEST_VERSION:
-            raise ValueError(f"unsupported manifest version {data.get('version')!r}")
+        if data.get("version") not in READABLE_MANIFEST_VERSIONS:
+            raise ValueError(
+                f"unsupported manifest version {data.get('version')!r} (this agnostos reads "
+                f"versions {list(READABLE_MANIFEST_VERSIONS)})"
+            )
         shards = tuple(ShardEntry.from_json(shard) for shard in data["shards"])
         return cls(
             source=data["source"],
@@ -116,6 +133,7 @@ class Manifest:
             shards=shards,
             skipped=tuple(SkippedEpisode(**item) for item in data["skipped"]),
             created_by=data.get("created_by", ""),
+            version=data["version"],
         )
 
     def save(self, directory: str | Path) -> Path:

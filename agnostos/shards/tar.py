@@ -9,8 +9,10 @@ WebDataset read.
 
 `TarBuilder` is the fast path the converter uses: it reads each frame file straight into
 a reusable buffer after its header slot, so a PNG is copied once (kernel to buffer) and
-no fresh memory is touched per episode. `sample_to_tar` is the plain reference form;
-both give the same bytes for the same members.
+no fresh memory is touched per episode. The converter builds an episode's frames and
+arrays there first and only then its json member (`tar_member`), whose member index needs
+their offsets, and writes the json member followed by the buffer. `sample_to_tar` is the
+plain reference form; both give the same bytes for the same members.
 """
 
 from __future__ import annotations
@@ -74,19 +76,19 @@ def member_header(name: str, size: int) -> bytes:
     return bytes(header)
 
 
+def tar_member(name: str, data: bytes) -> bytes:
+    """One whole member: header, data and zero padding to the next 512-byte block."""
+    return member_header(name, len(data)) + data + bytes(-len(data) % BLOCK)
+
+
 def sample_to_tar(sample: Mapping[str, bytes]) -> bytes:
     """A WebDataset sample as consecutive tar members `<__key__>.<field>`, in field order."""
     key = sample["__key__"]
-    parts: list[bytes] = []
-    for field, data in sample.items():
-        if field.startswith("_"):
-            continue
-        parts.append(member_header(f"{key}.{field}", len(data)))
-        parts.append(data)
-        padding = -len(data) % BLOCK
-        if padding:
-            parts.append(b"\0" * padding)
-    return b"".join(parts)
+    return b"".join(
+        tar_member(f"{key}.{field}", data)
+        for field, data in sample.items()
+        if not field.startswith("_")
+    )
 
 
 _ZEROS = bytes(BLOCK)
@@ -116,13 +118,14 @@ class TarBuilder:
         """The members written since `clear()`; release it before adding more."""
         return memoryview(self._buffer)[: self.size]
 
-    def add(self, name: str, data: bytes | bytearray | memoryview) -> None:
-        """Append one member holding `data`."""
+    def add(self, name: str, data: bytes | bytearray | memoryview) -> tuple[int, int]:
+        """Append one member holding `data`; returns its data span (start, end)."""
         start = self.size + BLOCK
         end = start + len(data)
         self._reserve(end + BLOCK)
         self._buffer[start:end] = data
         self._close_member(name, end)
+        return start, end
 
     @property
     def buffer(self) -> bytearray:

@@ -1,14 +1,18 @@
 """`agnostos shards verify` and `agnostos shards info`.
 
-Verification trusts nothing: it re-hashes every shard against the manifest, decodes every
-sample into an Episode, fully decodes every PNG, recomputes keyframes from the stored
-low-dim arrays and checks every count against the manifest. Each fault names the shard
-and sample.
+Verification trusts nothing: it re-hashes every shard against the manifest, reads every
+sample by walking its tar headers (never through its member index), decodes every sample
+into an Episode, fully decodes every PNG, recomputes keyframes from the stored low-dim
+arrays, checks every member index against the member offsets Python's `tarfile` finds,
+and checks every count (and the keyframes) against the manifest. Each fault names the
+shard and sample.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import tarfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -18,10 +22,11 @@ from agnostos.shards.codecs import check_png_crc, decode_png
 from agnostos.shards.episode import OFFSETS_SUFFIX, Episode
 from agnostos.shards.keyframes import discover_keyframes
 from agnostos.shards.manifest import Manifest, ShardEntry, ShardEpisode, duplicate_keys
-from agnostos.shards.reading import iter_samples
+from agnostos.shards.reading import iter_samples, split_member_name
 from agnostos.shards.samples import (
     JSON_EXT,
     LOW_DIM_EXT,
+    MemberIndex,
     frame_ext,
     iter_frame_fields,
     sample_to_episode,
@@ -104,8 +109,69 @@ def _frame_faults(episode: Episode, image_size: Sequence[int] | None) -> tuple[l
     return faults, decoded
 
 
+@dataclass
+class _SampleLayout:
+    """Where one sample's members really are, from `tarfile`: field -> (data offset, size)
+    in member order, and the byte just past the sample's last member."""
+
+    members: dict[str, tuple[int, int]] = field(default_factory=dict)
+    end: int = 0
+
+
+def _layouts(path: Path) -> dict[str, _SampleLayout]:
+    """Every sample's member layout, found by Python's `tarfile` (an implementation
+    independent of the agnostos reader and writer)."""
+    layouts: dict[str, _SampleLayout] = {}
+    with tarfile.open(path, "r:") as archive:
+        for member in archive:
+            key, field_name = split_member_name(member.name)
+            if key is None or not member.isfile():
+                continue
+            layout = layouts.setdefault(key, _SampleLayout())
+            layout.members[field_name.lower()] = (member.offset_data, member.size)
+            layout.end = member.offset_data + member.size + (-member.size % 512)
+    return layouts
+
+
+def _index_faults(sample: dict, layout: _SampleLayout | None) -> list[str]:
+    """A version-2 sample's json comes first and its member index matches the layout."""
+    try:
+        metadata = json.loads(sample[JSON_EXT])
+        index = MemberIndex.of(metadata)
+        entries = index.entries() if index is not None else None
+    except ValueError as err:
+        return [f"member index: {err}"]
+    if metadata.get("format_version", 1) < 2 and index is None:
+        return []  # a version-1 sample: frames first, no index
+    if index is None:
+        return [f"format_version {metadata.get('format_version')} sample without member index"]
+    if layout is None:
+        return ["tarfile finds no members for this sample"]
+    fields = list(layout.members)
+    if fields[0] != JSON_EXT:
+        return [f"the json is not the sample's first member (first: '{fields[0]}')"]
+    base = layout.members[JSON_EXT][0] + layout.members[JSON_EXT][1]
+    base += -base % 512
+    actual = [(name, start - base, size) for name, (start, size) in layout.members.items()]
+    faults = []
+    if entries != actual[1:]:
+        pairs = zip(entries, actual[1:], strict=False)  # unequal lengths reported below
+        wrong = next(
+            (f"{a} (index) vs {b} (tar)" for a, b in pairs if a != b),
+            f"{len(entries)} entries for {len(actual) - 1} members",
+        )
+        faults.append(f"member index disagrees with the tar layout: {wrong}")
+    if index.length != layout.end - base:
+        faults.append(f"member index length {index.length}, the members take {layout.end - base}")
+    return faults
+
+
 def _check_sample(
-    sample: dict, entry: ShardEpisode, image_size: Sequence[int] | None, report: ShardReport
+    sample: dict,
+    entry: ShardEpisode,
+    image_size: Sequence[int] | None,
+    layout: _SampleLayout | None,
+    report: ShardReport,
 ) -> None:
     where = f"{report.name}: sample '{sample['__key__']}'"
     try:
@@ -114,8 +180,11 @@ def _check_sample(
         report.faults.append(str(err))
         return
     faults = _field_faults(sample, episode) + _low_dim_faults(episode)
+    faults += _index_faults(sample, layout)
     if episode.num_frames != entry.frames:
         faults.append(f"{episode.num_frames} frames, manifest says {entry.frames}")
+    if entry.keyframes is not None and tuple(entry.keyframes) != episode.keyframes:
+        faults.append(f"keyframes {list(episode.keyframes)}, manifest says {list(entry.keyframes)}")
     frame_faults, decoded = _frame_faults(episode, image_size)
     report.faults.extend(f"{where}: {fault}" for fault in faults + frame_faults)
     report.images += decoded
@@ -142,13 +211,14 @@ def verify_shard(
     expected = {episode.key: episode for episode in shard.episodes}
     seen: set[str] = set()
     try:
-        for sample in iter_samples(str(path)):
+        layouts = _layouts(path)
+        for sample in iter_samples(str(path), use_index=False):
             key = sample["__key__"]
             seen.add(key)
             if key not in expected:
                 report.faults.append(f"{shard.name}: sample '{key}': not listed in the manifest")
                 continue
-            _check_sample(sample, expected[key], image_size, report)
+            _check_sample(sample, expected[key], image_size, layouts.get(key), report)
     except Exception as err:  # a truncated or corrupt tar stops iteration
         report.faults.append(f"{shard.name}: unreadable tar ({type(err).__name__}: {err})")
     missing = [key for key in expected if key not in seen]

@@ -241,7 +241,7 @@ def _add_demo_command(subparsers: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("--config", type=Path, default=None, help="demo YAML (configs/demo.yaml)")
     demo.add_argument("--out", default=None, help="working folder (runs/demo)")
-    for flag in ("seen-episodes", "unseen-episodes", "train-steps", "batch-size",
+    for flag in ("seen-episodes", "unseen-episodes", "vae-steps", "train-steps", "batch-size",
                  "sampling-steps", "top-k", "workers", "seed"):  # fmt: skip
         demo.add_argument(f"--{flag}", type=int, default=None)
     demo.add_argument("--seen-tasks", type=_csv, default=None, help="subset, e.g. open_drawer")
@@ -257,9 +257,9 @@ def _demo(args: argparse.Namespace) -> int:
 
     overrides = {
         name: getattr(args, name)
-        for name in ("out", "seen_episodes", "unseen_episodes", "train_steps", "batch_size",
-                     "sampling_steps", "top_k", "workers", "seed", "ranker", "seen_tasks",
-                     "unseen_tasks")
+        for name in ("out", "seen_episodes", "unseen_episodes", "vae_steps", "train_steps",
+                     "batch_size", "sampling_steps", "top_k", "workers", "seed", "ranker",
+                     "seen_tasks", "unseen_tasks")
     }  # fmt: skip
     if args.no_wandb:
         overrides["wandb"] = False

@@ -5,11 +5,13 @@ The stages, each resumable (a finished stage is skipped when the command runs ag
 1. **demos**: minibench writes scripted demos of the seen tasks (the demo bank's source)
    and of the unseen tasks (the queries), in RLBench's on-disk layout.
 2. **shards**: both sets are converted to WebDataset shards and verified.
-3. **train**: the tiny dynamics diffusion model trains on the seen shards through
+3. **base**: a tiny Stable-Diffusion-shaped base is built from configs, and its
+   autoencoder is fitted to the seen front frames (a real base brings a pretrained one).
+4. **train**: the tiny dynamics diffusion model trains on the seen shards through
    `agnostos fit` (LightningCLI, `configs/dynamics/tiny.yaml`), logging to W&B offline,
    and exports `checkpoint-<step>/unet/`.
-4. **bank**: features of every seen demo are extracted with the trained model.
-5. **retrieve**: for each unseen demo, its first front frame and instruction go through
+5. **bank**: features of every seen demo are extracted with the trained model.
+6. **retrieve**: for each unseen demo, its first front frame and instruction go through
    the same model; the bank is ranked (X-ICM's `lang_vis_out` by default) and the top-K
    demos are reported with scores. The predicted future frames are saved as images.
 
@@ -50,6 +52,7 @@ class DemoConfig:
     image_size: int = 128
     workers: int = 2
     seed: int = 0
+    vae_steps: int = 200
     train_steps: int = 300
     batch_size: int = 8
     learning_rate: float = 1e-4
@@ -73,7 +76,15 @@ class DemoConfig:
                     f"demo config: {name} has unknown task(s) {unknown} (or none); "
                     f"choose from {list(known)}"
                 )
-        for name in ("seen_episodes", "unseen_episodes", "train_steps", "batch_size", "top_k"):
+        names = (
+            "seen_episodes",
+            "unseen_episodes",
+            "vae_steps",
+            "train_steps",
+            "batch_size",
+            "top_k",
+        )
+        for name in names:
             if getattr(self, name) < 1:
                 raise ValueError(f"demo config: {name} must be >= 1, got {getattr(self, name)}")
         if self.sampling_steps < 1:
@@ -118,6 +129,10 @@ class DemoPaths:
     @property
     def unseen_shards(self) -> Path:
         return self.root / "shards" / "unseen"
+
+    @property
+    def base(self) -> Path:
+        return self.root / "tiny-base"
 
     @property
     def train(self) -> Path:
@@ -318,6 +333,39 @@ def log_to_wandb(
         run.finish()
 
 
+def make_tiny_base(config: DemoConfig, paths: DemoPaths) -> dict[str, Any]:
+    """Stage 3: the tiny SD-shaped base, its autoencoder fitted to the seen front frames.
+
+    A real base (SD2) brings a pretrained VAE; the tiny one is random, so without this its
+    predicted futures would decode to noise. Built in a scratch folder and renamed, so a
+    killed stage starts again from scratch and gives the same weights.
+    """
+    import shutil
+
+    import torch
+
+    from agnostos.datamodules.images import prepare_rgb
+    from agnostos.models.tiny import TinySpec, build_tiny_base, fit_tiny_vae
+    from agnostos.shards.reading import iter_episodes
+
+    spec = TinySpec(seed=config.seed)
+    frames = [
+        prepare_rgb(episode.png("front", "rgb", index), spec.image_size)
+        for episode in iter_episodes(_shard_urls(paths.seen_shards))
+        for index in range(0, episode.num_frames, 3)
+    ]
+    scratch = paths.base.with_name(paths.base.name + ".partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    build_tiny_base(scratch, spec)
+    _log(f"fitting the tiny base's autoencoder on {len(frames)} seen front frames")
+    fit = fit_tiny_vae(
+        scratch, torch.stack(frames), steps=config.vae_steps, batch_size=16, seed=config.seed
+    )
+    shutil.rmtree(paths.base, ignore_errors=True)
+    scratch.rename(paths.base)
+    return {"base": str(paths.base), "frames": len(frames), **asdict(fit)}
+
+
 def _latest_export(train_dir: Path) -> Path | None:
     exports = sorted(
         (train_dir / "export").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
@@ -337,7 +385,7 @@ def train_dynamics(config: DemoConfig, paths: DemoPaths) -> dict[str, Any]:
         "--data.seed", str(config.seed),
         "--model.learning_rate", str(config.learning_rate),
         "--model.seed", str(config.seed),
-        "--model.tiny_dir", str(paths.train / "tiny-base"),
+        "--model.base", str(paths.base),
         "--seed_everything", str(config.seed),
         "--trainer.max_steps", str(config.train_steps),
         "--trainer.default_root_dir", str(paths.train),
@@ -356,7 +404,7 @@ def train_dynamics(config: DemoConfig, paths: DemoPaths) -> dict[str, Any]:
     export = _latest_export(paths.train)
     if export is None:
         raise RuntimeError(f"{paths.train / 'export'}: training finished without an export")
-    return {"export": str(export), "base": str(paths.train / "tiny-base")}
+    return {"export": str(export), "base": str(paths.base)}
 
 
 def _sampling(config: DemoConfig):
@@ -457,6 +505,7 @@ def run_demo(config: DemoConfig) -> Path:
     for name, stage in (
         ("demos", lambda: make_demos(config, paths)),
         ("shards", lambda: make_shards(config, paths)),
+        ("base", lambda: make_tiny_base(config, paths)),
         ("train", lambda: train_dynamics(config, paths)),
         ("bank", lambda: build_demo_bank(config, paths, records["train"])),
     ):

@@ -17,6 +17,12 @@ pytestmark = pytest.mark.timeout(600)
 
 SEEN = ("push_button", "open_drawer")
 UNSEEN = ("close_drawer",)
+SMALL = [
+    "--seen-tasks", ",".join(SEEN), "--unseen-tasks", ",".join(UNSEEN),
+    "--seen-episodes", "2", "--unseen-episodes", "1", "--vae-steps", "2",
+    "--train-steps", "3", "--sampling-steps", "2", "--batch-size", "2", "--top-k", "3",
+    "--no-progress",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +31,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     mp = pytest.MonkeyPatch()
     mp.setenv("WANDB_MODE", "offline")
     mp.setenv("WANDB_SILENT", "true")
-    status = main(
-        [
-            "demo", "--out", str(out), "--seen-tasks", ",".join(SEEN),
-            "--unseen-tasks", ",".join(UNSEEN), "--seen-episodes", "2",
-            "--unseen-episodes", "1", "--train-steps", "3", "--sampling-steps", "2",
-            "--batch-size", "2", "--top-k", "3", "--workers", "1", "--no-progress",
-        ]
-    )  # fmt: skip
+    status = main(["demo", "--out", str(out), *SMALL, "--workers", "1"])
     mp.undo()
     assert status == 0
     return out
@@ -69,7 +68,7 @@ def test_demo_saves_the_prediction_strip(demo_run: Path) -> None:
 
 def test_demo_stages_leave_their_artefacts(demo_run: Path) -> None:
     stages = {path.stem for path in (demo_run / "stages").glob("*.json")}
-    assert stages == {"demos", "shards", "train", "bank"}
+    assert stages == {"demos", "shards", "base", "train", "bank"}
     train = json.loads((demo_run / "stages" / "train.json").read_text())
     assert Path(train["export"]).name == "checkpoint-3"
     assert (Path(train["export"]) / "unet" / "config.json").is_file()
@@ -88,13 +87,10 @@ def test_demo_rerun_skips_finished_stages_and_gives_the_same_retrieval(
     before = json.loads((demo_run / "summary.json").read_text())["retrievals"]
     export = json.loads((demo_run / "stages" / "train.json").read_text())["export"]
     mtime = (Path(export) / "unet" / "config.json").stat().st_mtime_ns
-    status = main(["demo", "--out", str(demo_run), "--seen-tasks", ",".join(SEEN),
-                   "--unseen-tasks", ",".join(UNSEEN), "--seen-episodes", "2",
-                   "--unseen-episodes", "1", "--train-steps", "3", "--sampling-steps", "2",
-                   "--batch-size", "2", "--top-k", "3", "--no-wandb", "--no-progress"])  # fmt: skip
+    status = main(["demo", "--out", str(demo_run), *SMALL, "--no-wandb"])
     assert status == 0
     log = capsys.readouterr().out
-    for stage in ("demos", "shards", "train", "bank"):
+    for stage in ("demos", "shards", "base", "train", "bank"):
         assert f"stage {stage}: already done" in log
     assert (Path(export) / "unet" / "config.json").stat().st_mtime_ns == mtime
     after = json.loads((demo_run / "summary.json").read_text())["retrievals"]

@@ -337,3 +337,30 @@ def test_derived_seeds_are_stable_and_distinct() -> None:
     assert derive_seed("a", 1, 0) == derive_seed("a", 1, 0)
     assert derive_seed("a", 1, 0) != derive_seed("a", 10)
     assert all(0 <= seed < 2**63 for seed in seeds)
+
+
+def test_fitting_the_tiny_vae_makes_it_reconstruct(tmp_path: Path, frames) -> None:
+    import shutil
+
+    from agnostos.models.tiny import fit_tiny_vae
+
+    base = build_tiny_base(tmp_path / "sd")
+    first, last, _ = frames
+    images = ((torch.cat([first, last]) + 1.0) * 127.5).round().to(torch.uint8)
+    untouched = {p.name: p.read_bytes() for p in (base / "unet").iterdir()}
+    with torch.random.fork_rng(devices=[]):
+        torch.set_num_threads(1)
+        fit = fit_tiny_vae(base, images, steps=40, batch_size=8, learning_rate=2e-3)
+    assert fit.mse_after < fit.mse_before / 4
+    assert {p.name: p.read_bytes() for p in (base / "unet").iterdir()} == untouched
+    assert not list(tmp_path.glob("sd/vae.*"))  # no scratch folders left behind
+    reloaded = DynamicsDiffusion.from_pretrained(base)
+    assert reloaded.scaling_factor == pytest.approx(fit.scaling_factor)
+    with torch.no_grad():
+        posterior = reloaded.vae.encode(torch.cat([first, last])).latent_dist
+        latents = posterior.sample(generator=torch.Generator().manual_seed(1))
+    # the diffusion target (a posterior sample times the factor) has unit variance
+    assert (latents * fit.scaling_factor).std().item() == pytest.approx(1.0, abs=0.1)
+    shutil.rmtree(base)
+    with pytest.raises(ValueError, match="uint8"):
+        fit_tiny_vae(tmp_path, images.float())

@@ -190,3 +190,87 @@ def build_tiny_base(directory: str | Path, spec: TinySpec | None = None) -> Path
     # transformers 4 (and any reader expecting SD's layout) loads the same vocabulary.
     write_clip_tokenizer_files(out / "tokenizer")
     return out
+
+
+@dataclass(frozen=True)
+class VaeFit:
+    """What `fit_tiny_vae` did: reconstruction error before and after, and the new scale."""
+
+    steps: int
+    mse_before: float
+    mse_after: float
+    scaling_factor: float
+
+
+def _reconstruction_mse(vae, images: torch.Tensor) -> float:
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(images).latent_dist.mode()).sample
+    return float(torch.mean((recon - images) ** 2))
+
+
+def fit_tiny_vae(
+    base: str | Path,
+    images: torch.Tensor,
+    steps: int = 300,
+    batch_size: int = 32,
+    learning_rate: float = 1e-3,
+    kl_weight: float = 1e-6,
+    seed: int = 0,
+) -> VaeFit:
+    """Teach the tiny base's random VAE to reconstruct `images` (N x 3 x S x S uint8), in place.
+
+    Why: a real Stable Diffusion base comes with a pretrained autoencoder, so its latents
+    describe the picture and its decoded predictions are images. The tiny base's VAE is
+    random: predicted futures decode to noise and latent similarity means little. A few
+    hundred steps on the frames at hand give the tiny pipeline the same property. The
+    latent scaling factor is then set to 1 / std of the latents (how SD's 0.18215 was
+    chosen), so diffusion targets have unit variance. The VAE folder is replaced
+    atomically; the rest of the base is untouched.
+    """
+    from diffusers import AutoencoderKL
+
+    from agnostos.datamodules.images import to_unit_range
+
+    if images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
+        raise ValueError(
+            f"images must be N x 3 x S x S uint8, got {tuple(images.shape)} {images.dtype}"
+        )
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps ({steps}) and batch_size ({batch_size}) must be >= 1")
+    base = Path(base)
+    vae = AutoencoderKL.from_pretrained(base / "vae")
+    pixels = to_unit_range(images)
+    generator = torch.Generator().manual_seed(seed)
+    before = _reconstruction_mse(vae.eval(), pixels)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
+    vae.train()
+    for _ in range(steps):
+        batch = pixels[torch.randint(len(pixels), (batch_size,), generator=generator)]
+        posterior = vae.encode(batch).latent_dist
+        recon = vae.decode(posterior.sample(generator=generator)).sample
+        loss = torch.mean((recon - batch) ** 2) + kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    vae.eval()
+    after = _reconstruction_mse(vae, pixels)
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.sample(generator=generator)
+    scaling_factor = float(1.0 / latents.std().clamp_min(1e-6))
+    vae.register_to_config(scaling_factor=scaling_factor)
+    _replace_folder(base / "vae", lambda out: vae.save_pretrained(out, safe_serialization=True))
+    return VaeFit(steps, before, after, scaling_factor)
+
+
+def _replace_folder(target: Path, write) -> None:
+    """Write a folder next to `target` with `write(path)`, then swap it in."""
+    import shutil
+
+    partial = target.with_name(f"{target.name}.partial")
+    old = target.with_name(f"{target.name}.old")
+    shutil.rmtree(partial, ignore_errors=True)
+    write(partial)
+    if target.exists():
+        target.rename(old)
+    partial.rename(target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -434,8 +434,16 @@ def build_demo_bank(config: DemoConfig, paths: DemoPaths, trained: dict[str, Any
     return {"demos": result.demos_done, "dir": str(paths.bank)}
 
 
+def _first_and_last(episode) -> list[np.ndarray]:
+    return [episode.rgb("front", 0), episode.rgb("front", episode.num_frames - 1)]
+
+
 def retrieve(config: DemoConfig, paths: DemoPaths, trained: dict[str, Any]) -> list[QueryResult]:
-    """Stage 5: rank the bank for every unseen demo and save its image strip."""
+    """Stage 6: rank the bank for every unseen demo and save its image strip.
+
+    Two streaming passes keep memory flat: the unseen demos (features, ranking, their own
+    frames), then the seen shards for just the frames of each query's best demo.
+    """
     from agnostos.datamodules.images import prepare_rgb
     from agnostos.evaluation.bank import DemoBank, extract_features, load_model
     from agnostos.evaluation.rankers import RankingQuery, make_ranker
@@ -448,8 +456,7 @@ def retrieve(config: DemoConfig, paths: DemoPaths, trained: dict[str, Any]) -> l
     bank = DemoBank.load(paths.bank)
     ranking_bank = bank.to_ranking_bank()
     ranker = make_ranker(config.ranker)
-    seen = {episode.key: episode for episode in iter_episodes(_shard_urls(paths.seen_shards))}
-    results = []
+    results, strips = [], []
     for episode in iter_episodes(_shard_urls(paths.unseen_shards)):
         seed = derive_seed(episode.task, episode.episode, config.seed)
         pixels = prepare_rgb(episode.png("front", "rgb", 0), resolution)
@@ -463,19 +470,9 @@ def retrieve(config: DemoConfig, paths: DemoPaths, trained: dict[str, Any]) -> l
             seed=seed,
         )
         ranking = ranker.rank(ranking_bank, query, min(config.top_k, len(ranking_bank)))
-        best = seen[ranking.ids[0]]
-        strip = image_strip(
-            [
-                episode.rgb("front", 0),
-                features.images[0].numpy(),
-                episode.rgb("front", episode.num_frames - 1),
-                best.rgb("front", 0),
-                best.rgb("front", best.num_frames - 1),
-            ],
-            size=config.image_size,
-        )
+        first, last = _first_and_last(episode)
+        strips.append((ranking.ids[0], [first, features.images[0].numpy(), last]))
         image = Path("retrievals") / f"{episode.task}_episode{episode.episode}.png"
-        save_png(paths.root / image, strip)
         retrieved = tuple(
             RetrievedDemo(demo_id, bank.record(demo_id).task, float(score))
             for demo_id, score in ranking.pairs()
@@ -485,6 +482,16 @@ def retrieve(config: DemoConfig, paths: DemoPaths, trained: dict[str, Any]) -> l
             instruction=episode.instruction, image=str(image), retrieved=retrieved,
         )  # fmt: skip
         results.append(result)
+    wanted = {best for best, _ in strips}
+    best_frames = {
+        episode.key: _first_and_last(episode)
+        for episode in iter_episodes(_shard_urls(paths.seen_shards))
+        if episode.key in wanted
+    }
+    for result, (best, tiles) in zip(results, strips, strict=True):
+        save_png(
+            paths.root / result.image, image_strip([*tiles, *best_frames[best]], config.image_size)
+        )
     return results
 
 

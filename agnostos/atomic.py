@@ -10,6 +10,7 @@ import ctypes
 import functools
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,3 +65,32 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_json(path: str | Path, value: Any) -> None:
     atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def fsync_tree(root: str | Path) -> None:
+    """Flush every file under `root`, then the folders, so a rename that follows is durable."""
+    for folder, _dirs, files in os.walk(Path(root), topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_directory(folder)
+
+
+def replace_directory(partial: str | Path, final: str | Path) -> None:
+    """Move a fully written `partial` folder to `final`, replacing an older `final`.
+
+    The old folder is renamed aside before the new one takes its name, so a kill at any
+    point leaves a complete folder under `final` or under `final.old`, never a mixture.
+    """
+    partial, final = Path(partial), Path(final)
+    fsync_tree(partial)
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    partial.rename(final)
+    fsync_directory(final.parent)
+    shutil.rmtree(old, ignore_errors=True)

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from agnostos.atomic import atomic_write_bytes, atomic_write_json
+from agnostos.atomic import atomic_write_bytes, atomic_write_json, replace_directory
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 DYNAMICS_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "dynamics" / "tiny.yaml"
@@ -259,14 +259,10 @@ def image_strip(images: Sequence[np.ndarray], size: int, gap: int = 4) -> np.nda
 
 def save_png(path: Path, image: np.ndarray) -> None:
     """Write an RGB PNG atomically."""
-    import io
+    from agnostos.trainers.images import png_bytes
 
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, png_bytes(image))
 
 
 def format_summary(config: DemoConfig, results: Sequence[QueryResult], timings: dict) -> str:
@@ -346,12 +342,13 @@ def make_tiny_base(config: DemoConfig, paths: DemoPaths) -> dict[str, Any]:
 
     from agnostos.datamodules.images import prepare_rgb
     from agnostos.models.tiny import TinySpec, build_tiny_base, fit_tiny_vae
+    from agnostos.shards.convert import shard_urls
     from agnostos.shards.reading import iter_episodes
 
     spec = TinySpec(seed=config.seed)
     frames = [
         prepare_rgb(episode.png("front", "rgb", index), spec.image_size)
-        for episode in iter_episodes(_shard_urls(paths.seen_shards))
+        for episode in iter_episodes(shard_urls(paths.seen_shards))
         for index in range(0, episode.num_frames, 3)
     ]
     scratch = paths.base.with_name(paths.base.name + ".partial")
@@ -361,8 +358,7 @@ def make_tiny_base(config: DemoConfig, paths: DemoPaths) -> dict[str, Any]:
     fit = fit_tiny_vae(
         scratch, torch.stack(frames), steps=config.vae_steps, batch_size=16, seed=config.seed
     )
-    shutil.rmtree(paths.base, ignore_errors=True)
-    scratch.rename(paths.base)
+    replace_directory(scratch, paths.base)
     return {"base": str(paths.base), "frames": len(frames), **asdict(fit)}
 
 
@@ -448,6 +444,7 @@ def retrieve(config: DemoConfig, paths: DemoPaths, trained: dict[str, Any]) -> l
     from agnostos.evaluation.bank import DemoBank, extract_features, load_model
     from agnostos.evaluation.rankers import RankingQuery, make_ranker
     from agnostos.models.dynamics_diffusion import derive_seed
+    from agnostos.shards.convert import shard_urls
     from agnostos.shards.reading import iter_episodes
     from agnostos.tasks import MINIBENCH
 
@@ -457,7 +454,7 @@ def retrieve(config: DemoConfig, paths: DemoPaths, trained: dict[str, Any]) -> l
     ranking_bank = bank.to_ranking_bank()
     ranker = make_ranker(config.ranker)
     results, strips = [], []
-    for episode in iter_episodes(_shard_urls(paths.unseen_shards)):
+    for episode in iter_episodes(shard_urls(paths.unseen_shards)):
         seed = derive_seed(episode.task, episode.episode, config.seed)
         pixels = prepare_rgb(episode.png("front", "rgb", 0), resolution)
         features = extract_features(
@@ -485,7 +482,7 @@ def retrieve(config: DemoConfig, paths: DemoPaths, trained: dict[str, Any]) -> l
     wanted = {best for best, _ in strips}
     best_frames = {
         episode.key: _first_and_last(episode)
-        for episode in iter_episodes(_shard_urls(paths.seen_shards))
+        for episode in iter_episodes(shard_urls(paths.seen_shards))
         if episode.key in wanted
     }
     for result, (best, tiles) in zip(results, strips, strict=True):
@@ -493,12 +490,6 @@ def retrieve(config: DemoConfig, paths: DemoPaths, trained: dict[str, Any]) -> l
             paths.root / result.image, image_strip([*tiles, *best_frames[best]], config.image_size)
         )
     return results
-
-
-def _shard_urls(directory: Path) -> list[str]:
-    from agnostos.shards.manifest import Manifest
-
-    return [str(directory / shard.name) for shard in Manifest.load(directory).shards]
 
 
 def run_demo(config: DemoConfig) -> Path:

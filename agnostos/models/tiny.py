@@ -15,11 +15,14 @@ channels, like a text-to-image base, so loading it exercises the conv_in widenin
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from agnostos.atomic import replace_directory
 
 __all__ = [
     "TinySpec",
@@ -258,19 +261,8 @@ def fit_tiny_vae(
         latents = vae.encode(pixels).latent_dist.sample(generator=generator)
     scaling_factor = float(1.0 / latents.std().clamp_min(1e-6))
     vae.register_to_config(scaling_factor=scaling_factor)
-    _replace_folder(base / "vae", lambda out: vae.save_pretrained(out, safe_serialization=True))
-    return VaeFit(steps, before, after, scaling_factor)
-
-
-def _replace_folder(target: Path, write) -> None:
-    """Write a folder next to `target` with `write(path)`, then swap it in."""
-    import shutil
-
-    partial = target.with_name(f"{target.name}.partial")
-    old = target.with_name(f"{target.name}.old")
+    partial = base / "vae.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    write(partial)
-    if target.exists():
-        target.rename(old)
-    partial.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+    vae.save_pretrained(partial, safe_serialization=True)
+    replace_directory(partial, base / "vae")
+    return VaeFit(steps, before, after, scaling_factor)

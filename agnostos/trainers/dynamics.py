@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from agnostos.atomic import atomic_write_bytes, fsync_directory
+from agnostos.atomic import atomic_write_bytes, fsync_directory, fsync_tree, replace_directory
 from agnostos.datamodules.dynamics import DynamicsBatch
 from agnostos.models.dynamics_diffusion import (
     DynamicsDiffusion,
@@ -59,7 +59,6 @@ __all__ = [
     "ConstantWithWarmup",
     "DynamicsDiffusionModule",
     "ensure_tiny_base",
-    "fsync_tree",
     "load_dynamics_model",
 ]
 
@@ -147,31 +146,6 @@ def _from_pretrained(base: Path, unet: str | None, dropout: float) -> DynamicsDi
         return DynamicsDiffusion.from_pretrained(base, unet=unet, conditioning_dropout_prob=dropout)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"base: {error}") from None
-
-
-def fsync_tree(root: str | os.PathLike[str]) -> None:
-    """Flush every file under `root`, then the folders, so a rename that follows is durable."""
-    top = Path(root)
-    for folder, _dirs, files in os.walk(top, topdown=False):
-        for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_directory(folder)
-
-
-def replace_directory(partial: Path, final: Path) -> None:
-    """Move a fully written `partial` folder to `final`, replacing an older `final`."""
-    fsync_tree(partial)
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    partial.rename(final)
-    fsync_directory(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # -- optimisation ------------------------------------------------------------------------------

@@ -81,14 +81,21 @@ def test_synthetic_round_trip_and_manifest(synthetic_root, tmp_path):
     assert not (out / PROGRESS_NAME).exists()
 
 
-def test_same_bytes_whatever_the_worker_count(synthetic_root, tmp_path):
+def test_same_bytes_whatever_the_worker_count_or_write_path(synthetic_root, tmp_path):
     options = ConvertOptions(shard_size=150_000)
-    convert(synthetic_root, tmp_path / "w1", options, workers=1, **QUIET)
-    convert(synthetic_root, tmp_path / "w2", options, workers=2, **QUIET)
-    assert _shard_bytes(tmp_path / "w1") == _shard_bytes(tmp_path / "w2")
-    assert (tmp_path / "w1/manifest.json").read_bytes() == (
-        tmp_path / "w2/manifest.json"
-    ).read_bytes()
+    runs = {
+        "w1": {"workers": 1},
+        "w2": {"workers": 2},
+        "buffered": {"workers": 1, "direct_io": False},
+    }
+    for name, kwargs in runs.items():
+        convert(synthetic_root, tmp_path / name, options, **kwargs, **QUIET)
+    expected = _shard_bytes(tmp_path / "w1")
+    manifest = (tmp_path / "w1/manifest.json").read_bytes()
+    assert len(expected) > 1
+    for name in runs:
+        assert _shard_bytes(tmp_path / name) == expected, name
+        assert (tmp_path / name / "manifest.json").read_bytes() == manifest, name
 
 
 def test_camera_and_modality_subsets(synthetic_root, tmp_path):

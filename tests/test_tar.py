@@ -14,15 +14,36 @@ import pytest
 import torch
 import webdataset as wds
 from episode_asserts import assert_episodes_equal
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agnostos.datamodules import DynamicsDataModule
-from agnostos.shards.convert import ConvertOptions, EncodedEpisode, convert, encode_episode
+from agnostos.shards.convert import (
+    ConvertOptions,
+    EncodedEpisode,
+    _frame_members,
+    convert,
+    encode_episode,
+)
 from agnostos.shards.episode import CAMERAS, MODALITIES
 from agnostos.shards.folders import discover_episodes, read_episode
 from agnostos.shards.manifest import Manifest
 from agnostos.shards.reading import FieldSelection, ShardReadError, iter_episodes, read_samples
-from agnostos.shards.samples import MemberIndex, episode_to_sample, member_index, tar_spans
-from agnostos.shards.tar import END_OF_ARCHIVE, TarBuilder, member_header, sample_to_tar
+from agnostos.shards.samples import (
+    MemberIndex,
+    episode_to_sample,
+    frame_ext,
+    iter_frame_fields,
+    member_index,
+    tar_spans,
+)
+from agnostos.shards.tar import (
+    END_OF_ARCHIVE,
+    TarBuilder,
+    member_header,
+    member_headers,
+    sample_to_tar,
+)
 from agnostos.shards.verify import verify, verify_shard
 
 
@@ -68,6 +89,39 @@ def test_members_read_back_with_tarfile(tmp_path):
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         read = {member.name: tar.extractfile(member).read() for member in tar.getmembers()}
     assert read == {long_name: b'{"a": 1}', **{n: p.read_bytes() for n, p in files.items()}}
+
+
+NAMES = st.text(st.characters(codec="utf-8", exclude_characters="\0"), min_size=1).filter(
+    lambda name: len(name.encode()) <= 100  # what fits the name field without a prefix
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(NAMES, st.integers(0, 8**11 - 1)), max_size=20), st.booleans())
+def test_batched_headers_equal_one_at_a_time(members, long_name):
+    """`member_headers` (the builder's batch path) against `member_header`, byte for byte;
+    with one long name the batch takes the prefix-field path."""
+    if long_name:
+        members = [*members, ("dir/" + "p" * 120 + "/name.png", 5)]
+    names = [name for name, _ in members]
+    sizes = [size for _, size in members]
+    expected = b"".join(member_header(name, size) for name, size in members)
+    assert member_headers(names, sizes).tobytes() == expected
+
+
+def test_batched_headers_refuse_sizes_outside_ustar():
+    with pytest.raises(ValueError, match="out of the USTAR range"):
+        member_headers(["a"], [8**11])
+
+
+def test_frame_members_follow_the_sample_order(synthetic_root):
+    location = discover_episodes(synthetic_root)[0]
+    episode = read_episode(location, ("front", "wrist"), ("rgb", "mask"))
+    paths, fields, names = _frame_members(episode)
+    frames = list(iter_frame_fields(episode))
+    assert paths == [episode.frames.path(*frame) for frame in frames]
+    assert fields == [frame_ext(*frame) for frame in frames]
+    assert names == [f"{episode.key}.{frame_ext(*frame)}" for frame in frames]
 
 
 def test_header_rejects_names_that_do_not_fit():

@@ -248,6 +248,12 @@ def _per_frame(values: list[Any], name: str, source: Path) -> dict[str, np.ndarr
         return None
     if any(value is None for value in values):
         raise EpisodeError(f"{source}: field '{name}' is missing in some frames")
+    try:  # the common case, equal shapes: one call for all frames
+        stacked = np.array(values)
+    except ValueError:  # ragged
+        stacked = None
+    if stacked is not None and stacked.dtype.kind in "biuf":
+        return {name: stacked}
     arrays = [np.asarray(value) for value in values]
     if any(array.dtype.kind not in "biuf" for array in arrays):
         raise EpisodeError(f"{source}: field '{name}' is not numeric")
@@ -265,13 +271,11 @@ def _stack_low_dim(observations: list[Any], source: Path) -> LowDim:
         stacked = _per_frame([getattr(obs, name, None) for obs in observations], name, source)
         if stacked is not None:
             arrays.update(stacked)
+    all_misc = {name for obs in observations for name in getattr(obs, "misc", {})}
     misc_names = sorted(
-        {
-            name
-            for obs in observations
-            for name in getattr(obs, "misc", {})
-            if not _CAMERA_MISC.match(name) and not _MASK_NAMES_MISC.match(name)
-        }
+        name
+        for name in all_misc  # each distinct key once, not once per frame
+        if not _CAMERA_MISC.match(name) and not _MASK_NAMES_MISC.match(name)
     )
     for name in misc_names:
         values = [getattr(obs, "misc", {}).get(name) for obs in observations]
@@ -296,12 +300,23 @@ def _camera_params(observations: list[Any], source: Path) -> dict[str, CameraPar
         for part in ("intrinsics", "extrinsics", "near", "far"):
             key = f"{camera}_camera_{part}"
             try:
-                values = [np.asarray(obs.misc[key], dtype=np.float64) for obs in observations]
+                values = [obs.misc[key] for obs in observations]
             except (KeyError, AttributeError):
                 raise EpisodeError(f"{source}: misc['{key}'] is missing in some frames") from None
-            fields[part] = np.stack(values)
+            try:
+                fields[part] = np.array(values, dtype=np.float64)  # one call for all frames
+            except ValueError:
+                raise EpisodeError(f"{source}: misc['{key}'] changes shape across frames") from None
         params[camera] = CameraParams(**fields)
     return params
+
+
+@functools.lru_cache(maxsize=256)
+def _mask_names_camera(misc_key: str) -> str | None:
+    """The camera of a `<camera>_mask_id_to_name` misc key (None for other keys); cached,
+    as the same few keys recur in every frame of every episode."""
+    match = _MASK_NAMES_MISC.match(misc_key)
+    return match.group(1) if match else None
 
 
 def _mask_names(observations: list[Any], source: Path) -> dict[str, dict[int, str]]:
@@ -313,10 +328,10 @@ def _mask_names(observations: list[Any], source: Path) -> dict[str, dict[int, st
     names: dict[str, dict[int, str]] = {}
     for index, obs in enumerate(observations):
         for key, mapping in getattr(obs, "misc", {}).items():
-            match = _MASK_NAMES_MISC.match(key)
-            if not match:
+            camera = _mask_names_camera(key)
+            if camera is None:
                 continue
-            camera_names = names.setdefault(match.group(1), {})
+            camera_names = names.setdefault(camera, {})
             for handle, name in dict(mapping).items():
                 handle_int = int(float(handle))
                 if camera_names.setdefault(handle_int, str(name)) != str(name):

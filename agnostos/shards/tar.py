@@ -18,7 +18,9 @@ plain reference form; both give the same bytes for the same members.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
 
 BLOCK = 512
 END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
@@ -76,6 +78,44 @@ def member_header(name: str, size: int) -> bytes:
     return bytes(header)
 
 
+_TEMPLATE_ROW = np.frombuffer(_TEMPLATE, dtype=np.uint8)
+_SIZE_SHIFTS = np.arange(30, -1, -3, dtype=np.int64)  # 11 octal digits, most significant first
+_CHECKSUM_SHIFTS = np.arange(15, -1, -3, dtype=np.int64)  # 6 octal digits
+_SIZE_LIMIT = 8**11
+
+
+def member_headers(names: Sequence[str], sizes: Sequence[int]) -> np.ndarray:
+    """The headers of many regular-file members at once, as a (count, 512) uint8 array.
+
+    Byte-identical to `member_header` for each (name, size); built with a few array
+    operations instead of ~10 Python-level steps per member, which mattered with ~1,900
+    small frame files per episode. Names that need the USTAR prefix field go through
+    `member_header`.
+    """
+    encoded = [name.encode("utf-8") for name in names]
+    count = len(encoded)
+    headers = np.empty((count, BLOCK), dtype=np.uint8)
+    headers[:] = _TEMPLATE_ROW
+    if count == 0:
+        return headers
+    size_array = np.asarray(sizes, dtype=np.int64)
+    if size_array.min() < 0 or size_array.max() >= _SIZE_LIMIT:
+        raise ValueError(f"member size out of the USTAR range: {size_array.max()}")
+    if max(map(len, encoded)) > _NAME_LIMIT:
+        for row, (name, size) in enumerate(zip(names, sizes, strict=True)):
+            headers[row] = np.frombuffer(member_header(name, size), dtype=np.uint8)
+        return headers
+    width = f"S{_NAME_LIMIT}"
+    headers[:, :_NAME_LIMIT] = np.array(encoded, dtype=width).view(np.uint8).reshape(count, -1)
+    headers[:, 124:135] = ((size_array[:, None] >> _SIZE_SHIFTS) & 7) | 0x30  # ASCII octal
+    headers[:, 135] = 0
+    checksums = headers.sum(axis=1, dtype=np.int64)  # the checksum field holds 8 spaces here
+    headers[:, 148:154] = ((checksums[:, None] >> _CHECKSUM_SHIFTS) & 7) | 0x30
+    headers[:, 154] = 0
+    headers[:, 155] = 0x20
+    return headers
+
+
 def tar_member(name: str, data: bytes) -> bytes:
     """One whole member: header, data and zero padding to the next 512-byte block."""
     return member_header(name, len(data)) + data + bytes(-len(data) % BLOCK)
@@ -93,6 +133,7 @@ def sample_to_tar(sample: Mapping[str, bytes]) -> bytes:
 
 _ZEROS = bytes(BLOCK)
 _O_RDONLY = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+_O_DIRECTORY = _O_RDONLY | getattr(os, "O_DIRECTORY", 0)
 
 
 class TarBuilder:
@@ -139,28 +180,60 @@ class TarBuilder:
         member's data span (start, end) in `buffer`. A read that returns less than asked is
         taken as the end of the file (what regular files do); the caller's content check
         (the PNG trailer) catches anything else. One call per episode keeps the per-file
-        work in one tight loop.
+        work in one tight loop, and the headers are filled afterwards in one batch.
         """
+        names: list[str] = []
         spans: list[tuple[int, int]] = []
         chunk = self.READ_CHUNK
         open_file, read_into, close_file = os.open, os.readv, os.close
-        for name, path in members:
-            start = end = self.size + BLOCK
-            descriptor = open_file(path, _O_RDONLY)
-            try:
-                while True:
-                    if end + chunk + BLOCK > len(self._buffer):
-                        self._reserve(end + chunk + BLOCK)
-                    with memoryview(self._buffer) as view:
+        position = self.size
+        view = memoryview(self._buffer)
+        folder, folder_descriptor = None, -1
+        try:
+            for name, path in members:
+                start = end = position + BLOCK
+                # Open relative to the file's folder: consecutive files share it, and the
+                # kernel then resolves one name instead of the whole path each time.
+                parent, _, file_name = path.rpartition("/")
+                if parent != folder:
+                    if folder_descriptor >= 0:
+                        close_file(folder_descriptor)
+                        folder_descriptor = -1
+                    folder_descriptor = open_file(parent or "/", _O_DIRECTORY)
+                    folder = parent
+                descriptor = open_file(file_name, _O_RDONLY, dir_fd=folder_descriptor)
+                try:
+                    while True:
+                        if end + chunk + BLOCK > len(view):
+                            view.release()  # growing needs every view of the buffer gone
+                            self._reserve(end + chunk + BLOCK)
+                            view = memoryview(self._buffer)
                         count = read_into(descriptor, [view[end : end + chunk]])
-                    end += count
-                    if count < chunk:
-                        break
-            finally:
-                close_file(descriptor)
-            self._close_member(name, end)
-            spans.append((start, end))
+                        end += count
+                        if count < chunk:
+                            break
+                finally:
+                    close_file(descriptor)
+                names.append(name)
+                spans.append((start, end))
+                position = end + (-(end - start) % BLOCK)
+        finally:
+            view.release()
+            if folder_descriptor >= 0:
+                close_file(folder_descriptor)
+        self._fill_headers(names, spans)
+        self.size = position
         return spans
+
+    def _fill_headers(self, names: Sequence[str], spans: Sequence[tuple[int, int]]) -> None:
+        """Write the headers in front of, and the zero padding after, each span's data."""
+        headers = member_headers(names, [end - start for start, end in spans])
+        buffer, zeros = self._buffer, _ZEROS
+        with memoryview(headers.reshape(-1)) as flat:
+            for at, (start, end) in zip(range(0, flat.nbytes, BLOCK), spans, strict=True):
+                buffer[start - BLOCK : start] = flat[at : at + BLOCK]
+                padding = -(end - start) % BLOCK
+                buffer[end : end + padding] = zeros[:padding]
 
     def _close_member(self, name: str, end: int) -> None:
         """Write the header of the member whose data ends at `end`, and its zero padding."""

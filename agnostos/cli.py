@@ -60,6 +60,12 @@ def _add_shards_commands(subparsers: argparse._SubParsersAction) -> None:
         help="stop at a bad episode, or leave it out and list it in the manifest",
     )
     convert.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    convert.add_argument(
+        "--buffered-writes",
+        action="store_true",
+        help="write shards through the page cache instead of with direct I/O (same bytes; "
+        "for file systems where direct I/O is slow, such as some network file systems)",
+    )
     convert.set_defaults(handler=_shards_convert)
 
     verify = commands.add_parser("verify", help="check checksums, decoding and counts")
@@ -84,7 +90,12 @@ def _shards_convert(args: argparse.Namespace) -> int:
             on_error=args.on_error,
         )
         result = convert(
-            args.src, args.out, options, workers=args.workers, show_progress=not args.no_progress
+            args.src,
+            args.out,
+            options,
+            workers=args.workers,
+            show_progress=not args.no_progress,
+            direct_io=not args.buffered_writes,
         )
     except (ConvertError, ValueError, FileNotFoundError) as err:
         print(f"agnostos shards convert: error: {err}", file=sys.stderr)

@@ -90,6 +90,9 @@ def test_same_bytes_whatever_the_worker_count_or_write_path(synthetic_root, tmp_
     }
     for name, kwargs in runs.items():
         convert(synthetic_root, tmp_path / name, options, **kwargs, **QUIET)
+    runs["cli"] = {}
+    argv = ["shards", "convert", str(synthetic_root), str(tmp_path / "cli"), "--no-progress"]
+    assert cli([*argv, "--shard-size", "150000", "--buffered-writes"]) == 0
     expected = _shard_bytes(tmp_path / "w1")
     manifest = (tmp_path / "w1/manifest.json").read_bytes()
     assert len(expected) > 1

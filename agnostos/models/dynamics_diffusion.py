@@ -457,6 +457,17 @@ class DynamicsDiffusion(nn.Module):
             return latents
         raise ValueError(f"unsupported prediction_type {kind!r} in the scheduler config")
 
+    def frozen_modules(self) -> list[nn.Module]:
+        """The parts that are never trained (and never checkpointed): VAE, text encoder."""
+        return [getattr(self, name) for name in FROZEN_MODULES]
+
+    def unet_with_weights(self, weights: dict[str, torch.Tensor]) -> nn.Module:
+        """A new UNet of this model's architecture holding `weights` (a full state dict,
+        e.g. gathered from FSDP shards); this model is left untouched."""
+        unet = type(self.unet).from_config(self.unet.config)
+        unet.load_state_dict(weights, strict=True)
+        return unet.to(dtype=self.unet.dtype).eval()
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimiser updates: the UNet's parameters only."""
         return [parameter for parameter in self.unet.parameters() if parameter.requires_grad]

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+
+from agnostos.trainers.full_weights import full_state_dict, shards_parameters
 
 __all__ = ["DiffusersExport"]
 
@@ -32,9 +35,11 @@ class DiffusersExport(L.Callback):
         export_on_train_end: export the final step when training stops (max_steps
             reached, or a graceful stop).
 
-    Only global rank 0 writes. Each export goes to a temporary folder that is flushed and
-    renamed, so a run killed mid-export leaves the previous exports intact and no
-    half-written `checkpoint-<step>`. With EMA on, the EMA weights are exported.
+    Only global rank 0 writes. Under a strategy that shards parameters (FSDP) every rank
+    first takes part in gathering the full UNet weights, which rank 0 then exports. Each
+    export goes to a temporary folder that is flushed and renamed, so a run killed
+    mid-export leaves the previous exports intact and no half-written `checkpoint-<step>`.
+    With EMA on, the EMA weights are exported.
     """
 
     def __init__(
@@ -64,11 +69,6 @@ class DiffusersExport(L.Callback):
                 f"DiffusersExport needs a module with export_checkpoint(); "
                 f"{type(pl_module).__name__} has none"
             )
-        if "FSDP" in type(trainer.strategy).__name__:
-            raise ValueError(
-                "DiffusersExport does not gather FSDP-sharded weights; train the dynamics "
-                "model with the ddp strategy (one full UNet per GPU fits easily)"
-            )
 
     def on_train_batch_end(
         self,
@@ -92,9 +92,23 @@ class DiffusersExport(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, pipeline: bool
     ) -> None:
         self._last_step = step
+        unet_weights = None
+        if shards_parameters(trainer.strategy):  # every rank takes part in the gather
+            prefix = _module_name(pl_module, pl_module.model.unet) + "."
+            unet_weights = full_state_dict(trainer.strategy.model, prefix)
         if trainer.is_global_zero:
             out = self.output_dir(trainer)
             pipeline_dir = out / PIPELINE_DIR if pipeline else None
-            path = pl_module.export_checkpoint(out, step, pipeline_dir=pipeline_dir)
+            path = pl_module.export_checkpoint(
+                out, step, pipeline_dir=pipeline_dir, unet_weights=unet_weights
+            )
             self.exported.append(path)
         trainer.strategy.barrier("dynamics-export")
+
+
+def _module_name(root: torch.nn.Module, module: torch.nn.Module) -> str:
+    """The qualified name of `module` inside `root` (as state-dict keys spell it)."""
+    for name, candidate in root.named_modules():
+        if candidate is module:
+            return name
+    raise ValueError(f"{type(module).__name__} is not a submodule of {type(root).__name__}")

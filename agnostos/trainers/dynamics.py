@@ -40,6 +40,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from agnostos.atomic import atomic_write_bytes, fsync_directory, fsync_tree, replace_directory
@@ -279,11 +280,29 @@ class DynamicsDiffusionModule(L.LightningModule):
     # -- Lightning hooks: setup --------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        if self.ema is not None and "FSDP" in type(self.trainer.strategy).__name__:
-            raise ValueError(
-                "ema_decay is not supported with FSDP (the EMA would average parameter "
-                "shards); use the ddp strategy, which fits this model on one GPU per rank"
-            )
+        strategy = self.trainer.strategy
+        if isinstance(strategy, FSDPStrategy):
+            if self.ema is not None:
+                raise ValueError(
+                    "ema_decay is not supported with FSDP (the EMA would average parameter "
+                    "shards); use the ddp strategy, which fits this model on one GPU per rank"
+                )
+            self._keep_frozen_outside_fsdp(strategy)
+
+    def _keep_frozen_outside_fsdp(self, strategy: FSDPStrategy) -> None:
+        """Leave the frozen VAE and text encoder out of FSDP (before it wraps the model).
+
+        Why: they are never trained, so sharding them would only add all-gathers to every
+        step; and FSDP insists on finding every parameter it manages in each state dict,
+        while checkpoints here never hold the frozen weights. FSDP moves only what it
+        manages to the device, so they are moved here.
+        """
+        frozen = self.model.frozen_modules()
+        ignored = list(strategy.kwargs.get("ignored_modules") or [])
+        ignored += [module for module in frozen if all(module is not i for i in ignored)]
+        strategy.kwargs["ignored_modules"] = ignored
+        for module in frozen:
+            module.to(strategy.root_device)
 
     def on_fit_start(self) -> None:
         trainer = self.trainer
@@ -337,6 +356,25 @@ class DynamicsDiffusionModule(L.LightningModule):
         if self.ema is not None:
             # The trainer counts this step once this hook returns.
             self.ema.update(self._unet_parameters(), self.trainer.global_step + 1)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """`trainer.gradient_clip_val` as usual; under FSDP through FSDP's own clipping.
+
+        Why: Lightning's FSDP precision plugin refuses norm clipping (each rank holds only
+        a shard of every gradient), but the published recipe clips the global norm at
+        1.0. `FullyShardedDataParallel.clip_grad_norm_` computes that norm across the
+        shards, so the update equals the DDP one.
+        """
+        fsdp = isinstance(self.trainer.strategy, FSDPStrategy)
+        if fsdp and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- validation ----------------------------------------------------------------------------
 
@@ -422,20 +460,26 @@ class DynamicsDiffusionModule(L.LightningModule):
         output_dir: str | os.PathLike[str],
         step: int,
         pipeline_dir: str | os.PathLike[str] | None = None,
+        unet_weights: dict[str, torch.Tensor] | None = None,
     ) -> Path:
         """Write `<output_dir>/checkpoint-<step>/unet/` (X-ICM's layout), EMA weights if on.
 
         With `pipeline_dir`, also a full `StableDiffusionInstructPix2PixPipeline` there.
-        Both are written to temporary folders, flushed and renamed into place.
+        `unet_weights` (the full UNet state, gathered from FSDP shards by the caller)
+        replaces this process's UNet weights, which under FSDP are only a shard. Both
+        are written to temporary folders, flushed and renamed into place.
         """
+        if unet_weights is not None and self.ema is not None:
+            raise ValueError("unet_weights and EMA exclude each other (EMA is refused with FSDP)")
+        unet = self.model.unet_with_weights(unet_weights) if unet_weights is not None else None
         with self.ema_weights():
-            path = self.model.export_unet(output_dir, step)
+            path = self.model.export_unet(output_dir, step, unet=unet)
             fsync_tree(path)
             fsync_directory(path.parent)
             if pipeline_dir is not None:
                 final = Path(pipeline_dir)
                 partial = final.with_name(final.name + ".partial")
                 shutil.rmtree(partial, ignore_errors=True)
-                self.model.save_pipeline(partial)
+                self.model.save_pipeline(partial, unet=unet)
                 replace_directory(partial, final)
         return path

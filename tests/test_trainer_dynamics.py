@@ -143,6 +143,39 @@ def test_fit_lowers_the_validation_loss_and_draws_sample_grids(shards, tiny_base
     assert "ema" not in load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
 
 
+def test_bf16_mixed_with_checkpointing_and_ema_trains_in_fp32_master_weights(
+    shards, tiny_base, tmp_path
+):
+    """bf16 autocast on CPU (the same Lightning plugin as on GPUs): the loss is computed in
+    bf16, while the UNet's weights, the optimiser and the export stay fp32."""
+    module = make_module(tiny_base, gradient_checkpointing=True, ema_decay=0.9)
+    initial = unet_state(module)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, max_steps=4, accelerator="cpu", devices=1,
+        precision="bf16-mixed", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, gradient_clip_val=1.0,
+        callbacks=[DiffusersExport(every_n_train_steps=0)], enable_checkpointing=False,
+    )  # fmt: skip
+    dtypes = set()
+    module.model.unet.conv_out.register_forward_hook(lambda m, i, out: dtypes.add(out.dtype))
+    trainer.fit(module, datamodule=make_data(shards))
+    assert trainer.global_step == 4 and dtypes == {torch.bfloat16}
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert torch.isfinite(trainer.callback_metrics["val/loss"])
+    trained = unet_state(module)
+    assert all(value.dtype == torch.float32 for value in trained.values())
+    assert not torch.equal(trained["conv_out.weight"], initial["conv_out.weight"])
+    assert next(module.model.vae.parameters()).dtype == torch.float32
+    from diffusers import UNet2DConditionModel
+
+    exported = UNet2DConditionModel.from_pretrained(
+        tmp_path / "export" / "checkpoint-4", subfolder="unet"
+    )
+    assert exported.dtype == torch.float32
+    with module.ema_weights():  # the export holds the EMA weights
+        assert_same_tensors(exported.state_dict(), unet_state(module))
+
+
 def test_image_grid_layout() -> None:
     red = torch.zeros(3, 4, 5)
     red[0] = 1.0

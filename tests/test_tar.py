@@ -124,6 +124,17 @@ def test_frame_members_follow_the_sample_order(synthetic_root):
     assert names == [f"{episode.key}.{frame_ext(*frame)}" for frame in frames]
 
 
+def test_files_given_by_relative_and_bare_paths(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.bin").write_bytes(b"in sub")
+    (tmp_path / "b.bin").write_bytes(b"at top")
+    monkeypatch.chdir(tmp_path)
+    builder = TarBuilder()
+    members = [("x.0", "sub/a.bin"), ("x.1", "b.bin"), ("x.2", str(tmp_path / "b.bin"))]
+    spans = builder.add_files(members)
+    assert [bytes(builder.buffer[a:b]) for a, b in spans] == [b"in sub", b"at top", b"at top"]
+
+
 def test_header_rejects_names_that_do_not_fit():
     with pytest.raises(ValueError, match="too long for a USTAR header"):
         member_header("x" * 101, 1)

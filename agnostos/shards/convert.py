@@ -292,9 +292,9 @@ def _ordered_map(
 class _OpenShard:
     """A shard being written under its temporary name.
 
-    Hashing and writing run on a background thread (both release the GIL on large
-    buffers), so they overlap with reading the next episode; order is preserved because
-    the thread is the only writer. `ShardFile` bypasses the page cache where it can.
+    Copying, hashing and writing run on background threads (`ShardFile` adds a small I/O
+    thread and bypasses the page cache where it can), so they overlap with reading the
+    next episode; order is preserved because one thread hands all bytes to the file.
     """
 
     _IN_FLIGHT = 2

@@ -136,6 +136,15 @@ _O_RDONLY = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 _O_DIRECTORY = _O_RDONLY | getattr(os, "O_DIRECTORY", 0)
 
 
+def _split_path(path: str) -> tuple[str, str]:
+    """(folder, file name) of a path string: 'a/b.png' -> ('a', 'b.png'), '/b.png' ->
+    ('/', 'b.png'), 'b.png' -> ('.', 'b.png')."""
+    cut = path.rfind("/")
+    if cut < 0:
+        return ".", path
+    return path[:cut] or "/", path[cut + 1 :]
+
+
 class TarBuilder:
     """Tar members appended in place to one buffer that is reused from sample to sample.
 
@@ -194,12 +203,12 @@ class TarBuilder:
                 start = end = position + BLOCK
                 # Open relative to the file's folder: consecutive files share it, and the
                 # kernel then resolves one name instead of the whole path each time.
-                parent, _, file_name = path.rpartition("/")
+                parent, file_name = _split_path(path)
                 if parent != folder:
                     if folder_descriptor >= 0:
                         close_file(folder_descriptor)
                         folder_descriptor = -1
-                    folder_descriptor = open_file(parent or "/", _O_DIRECTORY)
+                    folder_descriptor = open_file(parent, _O_DIRECTORY)
                     folder = parent
                 descriptor = open_file(file_name, _O_RDONLY, dir_fd=folder_descriptor)
                 try:

@@ -246,23 +246,18 @@ class QueryResult:
 
 def image_strip(images: Sequence[np.ndarray], size: int, gap: int = 4) -> np.ndarray:
     """HxWx3 uint8 images, each resized (nearest) to size x size, side by side on white."""
-    from PIL import Image
+    from agnostos.images import resize_nearest, tile_images
 
-    strip = np.full((size, len(images) * (size + gap) - gap, 3), 255, dtype=np.uint8)
-    for slot, image in enumerate(images):
-        tile = Image.fromarray(np.ascontiguousarray(image)).resize(
-            (size, size), Image.Resampling.NEAREST
-        )
-        strip[:, slot * (size + gap) : slot * (size + gap) + size] = np.asarray(tile)
-    return strip
+    strip = tile_images([[resize_nearest(image, size) for image in images]], padding=gap)
+    return strip[gap:-gap, gap:-gap]
 
 
 def save_png(path: Path, image: np.ndarray) -> None:
     """Write an RGB PNG atomically."""
-    from agnostos.trainers.images import png_bytes
+    from agnostos.shards.codecs import encode_png
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, png_bytes(image))
+    atomic_write_bytes(path, encode_png(image))
 
 
 def format_summary(config: DemoConfig, results: Sequence[QueryResult], timings: dict) -> str:
@@ -340,7 +335,7 @@ def make_tiny_base(config: DemoConfig, paths: DemoPaths) -> dict[str, Any]:
 
     import torch
 
-    from agnostos.datamodules.images import prepare_rgb
+    from agnostos.images import prepare_rgb
     from agnostos.models.tiny import TinySpec, build_tiny_base, fit_tiny_vae
     from agnostos.shards.convert import shard_urls
     from agnostos.shards.reading import iter_episodes
@@ -440,9 +435,9 @@ def retrieve(config: DemoConfig, paths: DemoPaths, trained: dict[str, Any]) -> l
     Two streaming passes keep memory flat: the unseen demos (features, ranking, their own
     frames), then the seen shards for just the frames of each query's best demo.
     """
-    from agnostos.datamodules.images import prepare_rgb
     from agnostos.evaluation.bank import DemoBank, extract_features, load_model
     from agnostos.evaluation.rankers import RankingQuery, make_ranker
+    from agnostos.images import prepare_rgb
     from agnostos.models.dynamics_diffusion import derive_seed
     from agnostos.shards.convert import shard_urls
     from agnostos.shards.reading import iter_episodes

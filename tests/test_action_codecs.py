@@ -9,7 +9,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from agnostos.models.action_codecs import (
+from agnostos.action_codecs import (
     XICM_HOME_CODE,
     ActionStats,
     TokenBinCodec,

@@ -168,7 +168,7 @@ def test_build_stores_features_metadata_text_and_images(built: Path, shards: Pat
 
     # The stored features are what the model predicts for the front frame 0 at 32 px.
     chosen = [bank.ids[1], bank.ids[4]]
-    from agnostos.datamodules.images import prepare_rgb
+    from agnostos.images import prepare_rgb
 
     pixels = torch.stack([prepare_rgb(episodes[i].png("front", "rgb", 0), 32) for i in chosen])
     direct = extract_features(
@@ -225,7 +225,7 @@ def test_features_do_not_depend_on_batch_size_or_order(built, shards, loaded, tm
     # Shuffled order (reversed, in one batch) gives each demo the same features.
     episodes = {e.key: e for e in iter_episodes(shard_urls(shards))}
     order = list(reversed(reference.ids))
-    from agnostos.datamodules.images import prepare_rgb
+    from agnostos.images import prepare_rgb
 
     shuffled = extract_features(
         model,
@@ -608,7 +608,7 @@ def test_minibench_demos_get_their_text_with_the_minibench_suite(tiny_base, tmp_
 def test_real_rlbench_sample_builds_without_mask_names(sample_root, loaded, tmp_path) -> None:
     """The real open_drawer sample: 128 px front frames pass through unchanged; the files
     have no mask-name maps, so the text is missing with that reason (optional mode)."""
-    from agnostos.datamodules.images import prepare_rgb
+    from agnostos.images import prepare_rgb
 
     model, identity = loaded
     options = ConvertOptions(cameras=("front",), modalities=("rgb",))

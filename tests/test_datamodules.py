@@ -17,6 +17,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
+from agnostos.action_codecs import ActionStats, XICMActionCodec
 from agnostos.datamodules import (
     DynamicsBatch,
     DynamicsDataModule,
@@ -24,7 +25,6 @@ from agnostos.datamodules import (
     KeyframeDataModule,
     SampleDataError,
     ShardReadError,
-    centre_crop_resize,
     dynamics_pairs,
     keyframe_transitions,
     split_episodes,
@@ -33,7 +33,7 @@ from agnostos.datamodules.catalogue import shard_catalogue
 from agnostos.datamodules.episodes import FolderEpisode, ShardEpisode, keyframe_actions
 from agnostos.datamodules.streams import ExportRank
 from agnostos.datamodules.tar_stream import FieldSelection, read_samples
-from agnostos.models.action_codecs import ActionStats, XICMActionCodec
+from agnostos.images import centre_crop_resize
 from agnostos.shards.convert import ConvertOptions, convert, shard_urls
 from agnostos.shards.folders import discover_episodes, read_episode
 from agnostos.shards.manifest import Manifest

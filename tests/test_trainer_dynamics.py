@@ -19,13 +19,13 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from agnostos.datamodules import DynamicsDataModule
+from agnostos.images import image_grid
 from agnostos.models.dynamics_diffusion import DynamicsDiffusion, SamplingConfig
 from agnostos.models.tiny import build_tiny_base
 from agnostos.shards.convert import ConvertOptions, convert
 from agnostos.trainers import DiffusersExport, DynamicsDiffusionModule, ExponentialMovingAverage
 from agnostos.trainers.cli import run_fit
 from agnostos.trainers.dynamics import ConstantWithWarmup, ensure_tiny_base
-from agnostos.trainers.images import image_grid
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "dynamics" / "tiny.yaml"

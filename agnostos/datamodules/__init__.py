@@ -13,7 +13,6 @@ from agnostos.datamodules.base import EpisodeDataModule
 from agnostos.datamodules.catalogue import CatalogueEntry, Split, split_episodes
 from agnostos.datamodules.dynamics import DynamicsBatch, DynamicsDataModule, dynamics_pairs
 from agnostos.datamodules.episodes import SampleDataError
-from agnostos.datamodules.images import centre_crop_resize, to_unit_range
 from agnostos.datamodules.keyframes import (
     KeyframeBatch,
     KeyframeDataModule,
@@ -33,9 +32,7 @@ __all__ = [
     "ShardReadError",
     "Split",
     "action_stats",
-    "centre_crop_resize",
     "dynamics_pairs",
     "keyframe_transitions",
     "split_episodes",
-    "to_unit_range",
 ]

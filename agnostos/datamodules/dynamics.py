@@ -18,9 +18,9 @@ import torch
 
 from agnostos.datamodules.base import EpisodeDataModule
 from agnostos.datamodules.episodes import EpisodeView, SampleDataError
-from agnostos.datamodules.images import prepare_rgb, to_unit_range
 from agnostos.datamodules.streams import StreamState
 from agnostos.datamodules.tar_stream import FieldSelection
+from agnostos.images import prepare_rgb, to_unit_range
 from agnostos.shards.episode import CAMERAS
 from agnostos.shards.samples import JSON_EXT, frame_ext
 

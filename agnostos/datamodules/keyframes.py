@@ -22,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from agnostos.action_codecs import ActionCodec, ActionStats, TokenBinCodec, XICMActionCodec
 from agnostos.datamodules.base import EpisodeDataModule
 from agnostos.datamodules.catalogue import CatalogueEntry, Split
 from agnostos.datamodules.dynamics import decode_frame
@@ -35,7 +36,6 @@ from agnostos.datamodules.episodes import (
 )
 from agnostos.datamodules.streams import StreamState
 from agnostos.datamodules.tar_stream import FieldSelection, TarSamples
-from agnostos.models.action_codecs import ActionCodec, ActionStats, TokenBinCodec, XICMActionCodec
 from agnostos.shards.episode import CAMERAS
 from agnostos.shards.samples import JSON_EXT, LOW_DIM_EXT, frame_ext
 

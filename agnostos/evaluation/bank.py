@@ -772,7 +772,7 @@ def extract_features(
     Each item uses its own seed, so its features do not depend on the batch (to float
     round-off). Outputs are float32 on the CPU; decoded predictions become uint8 HxWx3.
     """
-    from agnostos.datamodules.images import to_unit_range
+    from agnostos.images import to_unit_range
 
     if images.dtype != torch.uint8:
         raise TypeError(f"images must be uint8 (B,3,H,W), got {images.dtype}")
@@ -982,7 +982,7 @@ def _error_text(error: BaseException) -> str:
 
 
 def _query_pixels(episode: Episode, url: str, config: BankBuildConfig) -> torch.Tensor:
-    from agnostos.datamodules.images import prepare_rgb
+    from agnostos.images import prepare_rgb
 
     try:
         png = episode.png(config.camera, "rgb", config.frame)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agnostos.models.action_codecs import XICMActionCodec
+from agnostos.action_codecs import XICMActionCodec
 from agnostos.shards.episode import CAMERAS, Episode
 from agnostos.tasks import AGNOSTOS_OBJECT_NAMES
 

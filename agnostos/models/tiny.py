@@ -232,7 +232,7 @@ def fit_tiny_vae(
     """
     from diffusers import AutoencoderKL
 
-    from agnostos.datamodules.images import to_unit_range
+    from agnostos.images import to_unit_range
 
     if images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
         raise ValueError(

@@ -45,6 +45,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from agnostos.atomic import atomic_write_bytes, fsync_directory, fsync_tree, replace_directory
 from agnostos.datamodules.dynamics import DynamicsBatch
+from agnostos.images import image_grid
 from agnostos.models.dynamics_diffusion import (
     DynamicsDiffusion,
     SamplingConfig,
@@ -52,8 +53,8 @@ from agnostos.models.dynamics_diffusion import (
     resolve_unet_dir,
 )
 from agnostos.models.tiny import TinySpec, build_tiny_base
+from agnostos.shards.codecs import encode_png
 from agnostos.trainers.ema import ExponentialMovingAverage
-from agnostos.trainers.images import image_grid, png_bytes
 
 __all__ = [
     "TINY_BASE",
@@ -429,7 +430,7 @@ class DynamicsDiffusionModule(L.LightningModule):
         step = self.global_step
         path = Path(self.trainer.default_root_dir) / SAMPLES_DIR / f"val-step-{step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, png_bytes(grid))
+        atomic_write_bytes(path, encode_png(grid))
         caption = "rows: validation samples; columns: input | predicted future | true future"
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):

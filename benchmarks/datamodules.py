@@ -41,6 +41,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,8 +122,9 @@ class Measurement:
         return max(self.rates)
 
 
-def epoch_rates(loader: DataLoader, epochs: int) -> list[float]:
-    """Samples/s of each epoch of a persistent-worker loader (clock includes `iter()`)."""
+def epoch_rates(loader: Iterable[Any], epochs: int) -> list[float]:
+    """Samples/s of each epoch of a persistent-worker loader (clock includes `iter()`): a
+    DataLoader, or the `EpochLoader` that `train_dataloader()` returns."""
     rates = []
     for _ in range(epochs):
         started, count = time.perf_counter(), 0

@@ -5,22 +5,32 @@ The two-process DDP checks live in test_datamodules_ddp.py.
 
 from __future__ import annotations
 
+import inspect
+import multiprocessing
 import pickle
+import re
 import shutil
+import typing
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
+import docstring_parser
 import lightning as L
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser
 from torch.utils.data import DataLoader
 
 from agnostos.action_codecs import ActionStats, XICMActionCodec
 from agnostos.datamodules import (
     DynamicsBatch,
     DynamicsDataModule,
+    EpisodeDataModule,
     KeyframeBatch,
     KeyframeDataModule,
     SampleDataError,
@@ -31,7 +41,7 @@ from agnostos.datamodules import (
 )
 from agnostos.datamodules.catalogue import shard_catalogue
 from agnostos.datamodules.episodes import FolderEpisode, ShardEpisode, keyframe_actions
-from agnostos.datamodules.streams import ExportRank
+from agnostos.datamodules.streams import ExportRank, SeededShuffle
 from agnostos.datamodules.tar_stream import FieldSelection, read_samples
 from agnostos.images import centre_crop_resize
 from agnostos.shards.convert import ConvertOptions, convert, shard_urls
@@ -626,3 +636,190 @@ def test_webdataset_shuffle_is_the_stage_used():
     assert out == list(SeededShuffle(10, 5, StreamState(3))(range(30)))
     assert out == list(wds.shuffle(10, 5, seed=wds.utils.make_seed(3, 0, 0, 0, SHUFFLE_SALT))(
         iter(range(30))))  # fmt: skip
+
+
+def test_lightning_fit_warns_nothing_about_len_and_keeps_the_epoch_length(
+    synthetic_shards, tmp_path
+):
+    # Lightning warns on every fit whose DataLoader wraps an IterableDataset with __len__;
+    # the length now sits on the loader (EpochLoader), so the warning must be gone while
+    # Lightning still knows the epoch length, workers are shut down after the fit, and the
+    # checkpoint records every datamodule argument.
+    module = DynamicsDataModule(
+        shards=str(synthetic_shards), batch_size=2, num_workers=2, epoch_samples=8,
+        input_frame="all", shuffle_buffer=4, image_size=16,
+    )  # fmt: skip
+    model = _Recorder()
+    checkpoints = ModelCheckpoint(
+        dirpath=tmp_path, save_last=True, every_n_epochs=1, save_on_train_epoch_end=True
+    )
+    trainer = L.Trainer(
+        max_epochs=2, accelerator="cpu", devices=1, logger=False, callbacks=[checkpoints],
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    before = set(multiprocessing.active_children())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, datamodule=module)
+    assert not [str(w.message) for w in caught if "__len__" in str(w.message)]
+    assert set(multiprocessing.active_children()) <= before  # no idle workers left behind
+    # ceil(ceil(8 / 2) / 2 workers) = 2 batches per worker: 4 per epoch, as before.
+    assert trainer.num_training_batches == len(module.train_dataloader()) == 4
+    assert [len(ids) for ids in model.train_ids] == [8, 8] and trainer.global_step == 8
+    assert not hasattr(module.train_dataset(), "__len__")  # the dataset stays unsized
+    saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["datamodule_hyper_parameters"] == dict(module.hparams)
+    assert saved["datamodule_hyper_parameters"]["shuffle_buffer"] == 4  # a shared argument
+
+
+def test_reloaded_loaders_draw_exactly_their_epochs_stream(synthetic_shards):
+    # What an exact resume at an epoch boundary relies on (docs/training.md): with the
+    # loader rebuilt every epoch, epoch e's batches are those of train_dataset(start_epoch=e),
+    # however often Lightning calls iter() on the new loader before drawing from it.
+    settings = {
+        "shards": str(synthetic_shards), "batch_size": 2, "num_workers": 2,
+        "epoch_samples": 8, "input_frame": "all", "shuffle_buffer": 6, "image_size": 16,
+        "val_episodes_per_task": 0, "instruction": "random",
+    }  # fmt: skip
+    model = _Recorder()
+    trainer = L.Trainer(
+        max_epochs=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        limit_val_batches=0, reload_dataloaders_every_n_epochs=1,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=DynamicsDataModule(**settings))
+    expected = []
+    for epoch in range(3):
+        module = DynamicsDataModule(**settings)
+        module.trainer = SimpleNamespace(global_rank=0, world_size=1, current_epoch=epoch)
+        module.setup("fit")
+        expected.append([i for batch in module.train_dataloader() for i in batch.ids])
+    assert model.train_ids == expected
+    assert expected[0] != expected[1] != expected[2]
+
+
+# -- LightningCLI: shared arguments, hyperparameters, the documented YAML -------------------------
+
+
+def _arguments(cls) -> dict[str, inspect.Parameter]:
+    """A class's own named constructor arguments (not `**kwargs`)."""
+    return {
+        name: parameter
+        for name, parameter in inspect.signature(cls).parameters.items()
+        if parameter.kind is not inspect.Parameter.VAR_KEYWORD
+    }
+
+
+@pytest.fixture
+def run_fit(monkeypatch, tmp_path):
+    """`agnostos fit` in-process (imported here: it loads the whole trainer stack).
+
+    It sets these variables itself when unset; setting them here restores them afterwards.
+    """
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from agnostos.trainers.cli import run_fit
+
+    return run_fit
+
+
+def _help_entries(text: str) -> dict[str, str]:
+    """`--data.<name>` -> its help text (whitespace collapsed), from argparse-style help."""
+    entries: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        option = re.match(r"^  (--\S+(?: \S+)*)(?: {2,}(.*))?$", line)
+        if option:
+            name = re.match(r"--data\.(\w+)", option.group(1))
+            current = entries.setdefault(name.group(1), []) if name else None
+            if current is not None and option.group(2):
+                current.append(option.group(2))
+        elif current is not None and line.startswith(" " * 4):
+            current.append(line.strip())
+        else:
+            current = None
+    return {name: " ".join(" ".join(parts).split()) for name, parts in entries.items()}
+
+
+def test_fit_help_shows_every_shared_argument_with_type_default_and_help(run_fit, capsys):
+    # The subclasses pass the shared arguments on as **kwargs; LightningCLI must still
+    # offer each as --data.<name>, with the base class's type, default and docstring help.
+    assert run_fit(["fit", "--help"]) == 0
+    entries = _help_entries(capsys.readouterr().out)
+    docs = {
+        cls: {p.arg_name: p.description for p in docstring_parser.parse(cls.__doc__).params}
+        for cls in (EpisodeDataModule, DynamicsDataModule)
+    }
+    shared, own = _arguments(EpisodeDataModule), _arguments(DynamicsDataModule)
+    assert len(shared) == 17 and set(entries) == set(shared) | set(own)
+    for cls, arguments in ((EpisodeDataModule, shared), (DynamicsDataModule, own)):
+        hints = typing.get_type_hints(cls.__init__)
+        for name, parameter in arguments.items():
+            entry = entries[name]
+            description = " ".join(docs[cls][name].split())
+            assert entry.startswith(description), (name, entry)
+            shown = re.search(r"\(type: (.*), default: (.*)\)$", entry)
+            assert shown, (name, entry)
+            default = "null" if parameter.default is None else str(parameter.default)
+            assert shown.group(2) == default, (name, entry)
+            hint = hints[name]
+            text = hint.__name__ if isinstance(hint, type) else str(hint)
+            words = set(re.findall(r"\w+", text)) - {"typing", "Literal", "None"}
+            assert words and all(word in shown.group(1) for word in words), (name, entry)
+
+
+@pytest.mark.parametrize(
+    ("cls", "own"),
+    [(DynamicsDataModule, {"hflip": True, "target_offset": 3}), (KeyframeDataModule, {"chunk": 2})],
+)
+def test_hyperparameters_record_the_shared_and_own_arguments(cls, own, synthetic_shards):
+    # Checkpoints (datamodule_hyper_parameters) and the logged config rely on hparams
+    # holding every argument with its value, the shared ones included, defaults too.
+    given = {"shards": str(synthetic_shards), "shuffle_buffer": 7, "seed": 3, **own}
+    module = cls(**given)
+    defaults = {
+        name: parameter.default
+        for name, parameter in {**_arguments(EpisodeDataModule), **_arguments(cls)}.items()
+    }
+    assert len(defaults) == len(_arguments(EpisodeDataModule)) + len(_arguments(cls))
+    assert dict(module.hparams) == {**defaults, **given}
+    assert dict(cls(**module.hparams).hparams) == dict(module.hparams)  # load_from_checkpoint
+
+
+def test_a_yaml_shared_argument_reaches_the_datamodule(synthetic_shards, tmp_path, run_fit, capsys):
+    config = tmp_path / "data.yaml"
+    config.write_text(
+        f"data:\n  shards: {synthetic_shards}\n  shuffle_buffer: 7\n  shuffle_initial: 3\n"
+        "  val_selection: random\n  hflip: true\n"
+    )
+    # `agnostos fit` accepts the keys (a shared key on top of configs/dynamics/tiny.yaml) ...
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "dynamics" / "tiny.yaml"
+    assert run_fit(["fit", "--config", str(tiny), "--config", str(config), "--print_config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)["data"]
+    assert (printed["shuffle_buffer"], printed["shuffle_initial"]) == (7, 3)
+    assert (printed["val_selection"], printed["hflip"]) == ("random", True)
+    assert printed["batch_size"] == 8  # still tiny.yaml's
+    # ... and LightningCLI's parser builds the datamodule with them.
+    parser = LightningArgumentParser(exit_on_error=False)
+    parser.add_lightning_class_args(DynamicsDataModule, "data")
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # < 4.49
+    module = instantiate(parser.parse_path(str(config))).data
+    assert isinstance(module, DynamicsDataModule) and module.hflip
+    assert (module.shuffle_buffer, module.val_selection) == (7, "random")
+    assert module.hparams.shuffle_buffer == 7
+    module.setup("fit")
+    shuffle = next(s for s in module.train_dataset().pipeline if isinstance(s, SeededShuffle))
+    assert (shuffle.bufsize, shuffle.initial) == (7, 3)
+
+
+def test_the_documented_datamodule_yaml_is_accepted_by_agnostos_fit(tmp_path, run_fit, capsys):
+    docs = Path(__file__).resolve().parents[1] / "docs" / "datamodules.md"
+    blocks = re.findall(r"^```yaml\n(.*?)^```", docs.read_text(), re.M | re.S)
+    (snippet,) = [block for block in blocks if "data" in (yaml.safe_load(block) or {})]
+    config = tmp_path / "snippet.yaml"
+    config.write_text(snippet)
+    assert run_fit(["fit", "--config", str(config), "--print_config"]) == 0, capsys.readouterr()
+    printed = yaml.safe_load(capsys.readouterr().out)["data"]
+    given = yaml.safe_load(snippet)["data"]
+    assert given and {key: printed[key] for key in given} == given

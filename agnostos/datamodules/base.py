@@ -25,6 +25,7 @@ from agnostos.datamodules.catalogue import (
 )
 from agnostos.datamodules.episodes import ReadFolderEpisodes, ToShardEpisodes
 from agnostos.datamodules.streams import (
+    EpochLoader,
     EpochPipeline,
     EpochPlan,
     ExportRank,
@@ -63,6 +64,11 @@ class EpisodeDataModule(L.LightningDataModule, ABC):
             "random" (drawn per sample, seeded).
         seed: seeds every random choice; the same seed gives the same batches.
         pin_memory: pin batches for faster host-to-GPU copies.
+
+    Subclasses take their own arguments and pass these on with `**kwargs` rather than
+    restating them: LightningCLI's parser (jsonargparse) follows `super().__init__(**kwargs)`
+    and offers each of these as a `--data.*` option with the type, default and help given
+    here, and `save_hyperparameters()` (called below) records them with the subclass's own.
     """
 
     def __init__(
@@ -113,6 +119,11 @@ class EpisodeDataModule(L.LightningDataModule, ABC):
         self.seed = seed
         self.pin_memory = pin_memory
         self._split: Split | None = None
+        # Here rather than in the subclasses: Lightning collects the arguments of every
+        # `__init__` frame of this object from the calling frame upwards, so only a call in
+        # the base records both these arguments (with their defaults) and the subclass's
+        # own; a subclass passing them on as `**kwargs` would record only those it was given.
+        self.save_hyperparameters()
 
     # -- what a subclass provides ------------------------------------------------------
 
@@ -249,20 +260,21 @@ class EpisodeDataModule(L.LightningDataModule, ABC):
             batch_size=self.val_batch_size,
         )
 
-    def _loader(self, dataset: EpochPipeline, workers: int) -> DataLoader:
+    def _loader_options(self, workers: int) -> dict[str, Any]:
         rank, world = self._rank()
-        return DataLoader(
-            dataset,
-            batch_size=None,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            worker_init_fn=ExportRank(rank, world),
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-        )
+        return {
+            "batch_size": None,
+            "num_workers": workers,
+            "persistent_workers": workers > 0,
+            "worker_init_fn": ExportRank(rank, world),
+            "pin_memory": self.pin_memory and torch.cuda.is_available(),
+        }
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> EpochLoader:
+        """The training stream; `len()` is this rank's batches per epoch (see `EpochLoader`)."""
         start_epoch = int(self.trainer.current_epoch) if self.trainer is not None else 0
-        return self._loader(self.train_dataset(start_epoch), self.num_workers)
+        dataset = self.train_dataset(start_epoch)
+        return EpochLoader(dataset, dataset.batches, **self._loader_options(self.num_workers))
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.split.val:
@@ -270,4 +282,4 @@ class EpisodeDataModule(L.LightningDataModule, ABC):
         _, world = self._rank()
         units = Split.units(self.split.val)
         workers = min(self.num_workers, -(-len(units) // world))
-        return self._loader(self.val_dataset(), workers)
+        return DataLoader(self.val_dataset(), **self._loader_options(workers))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -212,7 +212,7 @@ def collate_dynamics(items: list[DynamicsItem]) -> DynamicsBatch:
 class DynamicsDataModule(EpisodeDataModule):
     """(input frame, target frame, instruction) pairs for the dynamics diffusion model.
 
-    Args (besides the shared ones of `EpisodeDataModule`):
+    Args:
         camera: the camera both frames come from ("front" in X-ICM).
         input_frame: "first" (frame 0, X-ICM), "all" (every frame) or "keyframes" (frame 0
             and each keyframe).
@@ -221,41 +221,20 @@ class DynamicsDataModule(EpisodeDataModule):
         target_offset: frames ahead for target_frame="offset".
         hflip: flip both frames horizontally with probability 0.5 (off: tasks say left and
             right).
+        **kwargs: the data source, split, batching and seed arguments of
+            `EpisodeDataModule` (shards, batch_size, image_size, instruction, ...).
     """
 
     def __init__(
         self,
-        shards: str | None = None,
-        manifest: str | None = None,
-        folders: str | None = None,
-        tasks: list[str] | None = None,
         camera: str = "front",
         input_frame: InputFrame = "first",
         target_frame: TargetFrame = "last",
         target_offset: int = 1,
         hflip: bool = False,
-        image_size: int = 128,
-        instruction: Literal["first", "random"] = "first",
-        val_episodes_per_task: int = 1,
-        val_selection: Literal["last", "random"] = "last",
-        val_episodes: list[str] | None = None,
-        batch_size: int = 32,
-        val_batch_size: int | None = None,
-        num_workers: int = 2,
-        shuffle_buffer: int = 1000,
-        shuffle_initial: int = 100,
-        epoch_samples: int | None = None,
-        seed: int = 0,
-        pin_memory: bool = False,
+        **kwargs: Any,
     ):
-        super().__init__(
-            shards=shards, manifest=manifest, folders=folders, tasks=tasks,
-            val_episodes_per_task=val_episodes_per_task, val_selection=val_selection,
-            val_episodes=val_episodes, batch_size=batch_size, val_batch_size=val_batch_size,
-            num_workers=num_workers, shuffle_buffer=shuffle_buffer,
-            shuffle_initial=shuffle_initial, epoch_samples=epoch_samples,
-            image_size=image_size, instruction=instruction, seed=seed, pin_memory=pin_memory,
-        )  # fmt: skip
+        super().__init__(**kwargs)
         if camera not in CAMERAS:
             raise ValueError(f"unknown camera {camera!r}; choose from {list(CAMERAS)}")
         dynamics_pairs(2, (), input_frame, target_frame, target_offset)  # validates the modes
@@ -264,7 +243,6 @@ class DynamicsDataModule(EpisodeDataModule):
         self.target_frame = target_frame
         self.target_offset = target_offset
         self.hflip = hflip
-        self.save_hyperparameters()
 
     @property
     def cameras(self) -> tuple[str, ...]:

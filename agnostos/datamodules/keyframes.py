@@ -220,8 +220,9 @@ def action_stats(views: Iterable[EpisodeView]) -> ActionStats:
 class KeyframeDataModule(EpisodeDataModule):
     """Keyframe transitions for VLA fine-tuning (see the module docstring).
 
-    Args (besides the shared ones of `EpisodeDataModule`):
-        cameras: cameras whose RGB images each sample carries, in this order.
+    Args:
+        cameras: cameras whose RGB images each sample carries, in this order (default:
+            front and wrist).
         state_frame: "previous_keyframe" (frame 0 for the first transition) or "first".
         chunk: how many next keyframe actions each sample targets.
         codec: "xicm" (the 7-integer X-ICM code) or "token_bins" (OpenVLA-style bins).
@@ -231,6 +232,8 @@ class KeyframeDataModule(EpisodeDataModule):
         action_stats: JSON file of `ActionStats` for the token codec; when absent the
             statistics are computed from the training episodes at setup (low-dim data only)
             and kept in `self.stats`, so they can be saved with the model.
+        **kwargs: the data source, split, batching and seed arguments of
+            `EpisodeDataModule` (shards, batch_size, image_size, instruction, ...).
 
     Without epoch_samples, an epoch is one pass over the training transitions when the
     catalogue knows every episode's keyframes (shards with a version-2 manifest), else one
@@ -241,10 +244,6 @@ class KeyframeDataModule(EpisodeDataModule):
 
     def __init__(
         self,
-        shards: str | None = None,
-        manifest: str | None = None,
-        folders: str | None = None,
-        tasks: list[str] | None = None,
         cameras: list[str] | None = None,
         state_frame: StateFrame = "previous_keyframe",
         chunk: int = 1,
@@ -253,28 +252,9 @@ class KeyframeDataModule(EpisodeDataModule):
         token_bins: int = 256,
         token_bounds: Literal["q01_q99", "minmax"] = "q01_q99",
         action_stats: str | None = None,
-        image_size: int = 128,
-        instruction: Literal["first", "random"] = "first",
-        val_episodes_per_task: int = 1,
-        val_selection: Literal["last", "random"] = "last",
-        val_episodes: list[str] | None = None,
-        batch_size: int = 32,
-        val_batch_size: int | None = None,
-        num_workers: int = 2,
-        shuffle_buffer: int = 1000,
-        shuffle_initial: int = 100,
-        epoch_samples: int | None = None,
-        seed: int = 0,
-        pin_memory: bool = False,
+        **kwargs: Any,
     ):
-        super().__init__(
-            shards=shards, manifest=manifest, folders=folders, tasks=tasks,
-            val_episodes_per_task=val_episodes_per_task, val_selection=val_selection,
-            val_episodes=val_episodes, batch_size=batch_size, val_batch_size=val_batch_size,
-            num_workers=num_workers, shuffle_buffer=shuffle_buffer,
-            shuffle_initial=shuffle_initial, epoch_samples=epoch_samples,
-            image_size=image_size, instruction=instruction, seed=seed, pin_memory=pin_memory,
-        )  # fmt: skip
+        super().__init__(**kwargs)
         chosen = tuple(cameras) if cameras is not None else ("front", "wrist")
         unknown = [camera for camera in chosen if camera not in CAMERAS]
         if unknown or not chosen:
@@ -292,7 +272,6 @@ class KeyframeDataModule(EpisodeDataModule):
         self.action_stats_path = action_stats
         self.stats: ActionStats | None = None
         self._codec: ActionCodec | None = None
-        self.save_hyperparameters()
 
     @property
     def cameras(self) -> tuple[str, ...]:

@@ -9,9 +9,10 @@ Training (`training_pipeline`):
   seeds) -> ResampledShards (seeded by seed, epoch, rank and worker) -> read episodes ->
   expand into samples -> shuffle buffer -> decode -> batch -> `with_epoch`.
   Resampling makes the stream endless, and `with_epoch` cuts every worker at the same
-  number of batches, so every DDP rank yields exactly `len(dataset)` batches per epoch and
-  no rank waits on another at the end of an epoch. Ranks draw from disjoint units. The
-  stream continues across epochs (see `EpochPipeline`): an epoch is its next batches.
+  number of batches, so every DDP rank yields exactly `EpochPlan.rank_batches` batches per
+  epoch (the `len()` of its `EpochLoader`) and no rank waits on another at the end of an
+  epoch. Ranks draw from disjoint units. The stream continues across epochs (see
+  `EpochPipeline`): an epoch is its next batches.
 
 Validation (`evaluation_pipeline`):
   units (fixed order) -> split_by_node -> split_by_worker -> read -> expand -> decode ->
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import webdataset as wds
+from torch.utils.data import DataLoader
 from webdataset.utils import make_seed, pytorch_worker_info
 
 
@@ -64,11 +66,12 @@ class StreamState:
 
 
 class EpochPipeline(wds.DataPipeline):
-    """A `wds.DataPipeline` that counts its epochs and reports a fixed length.
+    """A `wds.DataPipeline` that counts its epochs.
 
-    `len()` is the number of batches one rank yields per epoch (workers x batches per
-    worker); `with_length` is not used because the class it creates cannot be pickled for
-    spawned DataLoader workers.
+    It has no `__len__` on purpose: PyTorch's IterableDataset is not meant to be sized, and
+    Lightning warns on every fit about a DataLoader whose IterableDataset is (with several
+    workers such a length is often wrong). The epoch length lives on the loader instead
+    (`EpochLoader`); `batches` records it for the loader to read.
 
     With `continuous=True` (training) each epoch takes the next `with_epoch` batches of one
     endless stream instead of restarting the pipeline: the shuffle buffer is filled once,
@@ -82,13 +85,13 @@ class EpochPipeline(wds.DataPipeline):
         self,
         state: StreamState,
         *stages: Any,
-        length: int | None = None,
+        batches: int | None = None,
         count_epochs: bool = True,
         continuous: bool = False,
     ):
         super().__init__(*stages)
         self.state = state
-        self.size = length
+        self.batches = batches  # per rank and epoch, when fixed (training)
         self.count_epochs = count_epochs
         self.continuous = continuous
         self._stream: Iterator[Any] | None = None
@@ -109,10 +112,49 @@ class EpochPipeline(wds.DataPipeline):
             self._stream = self.iterator()
         return itertools.islice(self._stream, self.nsamples)
 
+
+class EpochLoader(wds.WebLoader):
+    """The training loader: a DataLoader (wrapped by `wds.WebLoader`) whose `len()` is the
+    number of batches one rank yields per epoch.
+
+    Lightning needs that number (epoch ends, checkpoints at epoch end, exact resume, the
+    progress bar) and reads it from `len(loader)`. WebDataset's practice for it is to leave
+    the dataset unsized and give the length to the `WebLoader` (`with_length`), which
+    Lightning does not see as a DataLoader over a sized IterableDataset, the case it warns
+    about. `with_length` swaps in a class made on the fly (and warns); this subclass does
+    the same with an ordinary class. The length is exact, not an estimate: `with_epoch`
+    cuts every worker's stream at `EpochPlan.worker_batches`.
+
+    Iterating it is lazy: the DataLoader's iterator, and with it the dataset's epoch count
+    and stream, starts when the first batch is drawn. Lightning calls `iter()` twice on a
+    loader it rebuilds for an epoch after the first (when it sets the loader up, and at the
+    epoch's start); a bare DataLoader started the stream at the first call and restarted it
+    at the second, counting two epochs, so epoch e did not draw `start_epoch=e`'s batches.
+    Here it does, which is what an exact resume at an epoch boundary relies on.
+    """
+
+    def __init__(self, dataset: EpochPipeline, batches: int, **kwargs: Any):
+        super().__init__(dataset, **kwargs)
+        self.batches = batches
+
+    @property
+    def loader(self) -> DataLoader:
+        """The wrapped DataLoader (workers, pinning, `worker_init_fn`)."""
+        return self.pipeline[0]
+
     def __len__(self) -> int:
-        if self.size is None:
-            raise TypeError("this pipeline has no fixed length")
-        return self.size
+        return self.batches
+
+    # When a fit ends Lightning shuts a DataLoader's persistent workers down through its
+    # `_iterator` (CombinedLoader.reset); forwarding that attribute to the wrapped
+    # DataLoader keeps this, instead of leaving idle workers until garbage collection.
+    @property
+    def _iterator(self) -> Any:
+        return self.loader._iterator
+
+    @_iterator.setter
+    def _iterator(self, value: Any) -> None:
+        self.loader._iterator = value
 
 
 @dataclass(frozen=True)
@@ -222,7 +264,7 @@ def training_pipeline(
     if shuffle_buffer > 1:
         stages.append(SeededShuffle(shuffle_buffer, min(shuffle_initial, shuffle_buffer), state))
     stages += [wds.map(decode), wds.batched(plan.batch_size, collation_fn=collate, partial=False)]
-    pipeline = EpochPipeline(state, *stages, length=plan.rank_batches, continuous=True)
+    pipeline = EpochPipeline(state, *stages, batches=plan.rank_batches, continuous=True)
     return pipeline.with_epoch(plan.worker_batches)
 
 

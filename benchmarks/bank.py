@@ -40,7 +40,13 @@ import torch
 import transformers
 from machine import machine_facts
 
-from agnostos.evaluation.bank import BankBuildConfig, ModelIdentity, build_bank, load_model
+from agnostos.evaluation.bank import (
+    BankBuildConfig,
+    ModelIdentity,
+    build_bank,
+    load_model,
+    model_resolution,
+)
 from agnostos.models.dynamics_diffusion import DynamicsDiffusion, SamplingConfig
 from agnostos.models.tiny import END_TOKEN, build_tiny_base, write_clip_tokenizer_files
 from agnostos.shards.convert import ConvertOptions, convert
@@ -118,11 +124,12 @@ def sd2_sized_model(device: str, dtype: torch.dtype, workdir: Path) -> DynamicsD
 
 
 def make_model(args: argparse.Namespace, workdir: Path) -> tuple[Any, ModelIdentity, int]:
-    """(model, identity, resolution) for the chosen size."""
+    """(model, identity, resolution) for the chosen size: the tiny model's own 32 px, and
+    X-ICM's 128 px for the SD2-size one (its UNet config declares SD2's 768)."""
     if args.model_size == "tiny":
         base = build_tiny_base(workdir / "tiny-sd")
         model, identity = load_model(base, device=args.device, dtype=args.dtype)
-        return model, identity, 32
+        return model, identity, model_resolution(model)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     model = sd2_sized_model(args.device, dtype[args.dtype], workdir)
     identity = ModelIdentity(None, None, None, "SD2-768-size config, random weights")

@@ -30,6 +30,7 @@ from agnostos.evaluation.bank import (
     extract_features,
     load_model,
     load_xicm_pickle,
+    model_resolution,
 )
 from agnostos.evaluation.bank_cli import add_bank_commands
 from agnostos.evaluation.observation_text import episode_demo_text
@@ -537,6 +538,42 @@ def test_cli_build_info_export_import(shards, tiny_base, loaded, tmp_path, capsy
     assert "no-model: model directory does not exist" in capsys.readouterr().err
     assert _cli("bank", "info", str(tmp_path / "nothing")) == 1
     assert "nothing/bank.json: no demo bank here" in capsys.readouterr().err
+
+
+def test_build_without_resolution_uses_the_model_resolution(
+    shards, tiny_base, loaded, tmp_path, capsys
+) -> None:
+    """`agnostos bank build` without --resolution queries at the model's own size (the tiny
+    model: sample_size 16 x VAE factor 2 = 32 px), and records that number: a build with
+    the default and one with `--resolution 32` are the same build, resumable either way."""
+    from agnostos.cli import main
+
+    model, _ = loaded
+    assert model_resolution(model) == 32 == model.unet.config.sample_size * 2
+    assert BankBuildConfig(shards=str(shards)).resolution is None
+    common = ["bank", "build", "--shards", str(shards), "--model", str(tiny_base)]
+    common += ["--steps", "2", "--batch-size", "2", "--chunk-size", "2", "--tasks", "pick_block"]
+    common += ["--no-progress"]
+    default = tmp_path / "default"
+    assert main([*common, "--out", str(default)]) == 0, capsys.readouterr().err
+    assert "3 demos in 2 chunk(s); demo text for 0; queries at 32 px" in capsys.readouterr().out
+    bank = DemoBank.load(default)
+    assert bank.extraction.resolution == 32
+    assert bank.input_latents.shape == bank.output_latents.shape == (3, 4, 16, 16)
+    state = json.loads((default / BANK_JSON).read_text())
+    assert state["extraction"]["resolution"] == 32
+
+    # Started with the default, finished with the explicit number: one build, same bytes.
+    mixed = tmp_path / "mixed"
+    assert main([*common, "--out", str(mixed), "--max-chunks", "1"]) == 0
+    build_json = json.loads((mixed / PARTIAL_DIR / "build.json").read_text())
+    assert build_json["build"]["config"]["resolution"] == 32
+    assert main([*common, "--out", str(mixed), "--resolution", "32"]) == 0
+    assert "resumed after 2 demos" in capsys.readouterr().out
+    assert _files(mixed) == _files(default)
+    # Another explicit size is another build, refused in the finished folder.
+    assert main([*common, "--out", str(default), "--resolution", "64"]) == 1
+    assert "already holds a bank built with other options" in capsys.readouterr().err
 
 
 def test_bad_inputs_name_the_shard_key_or_file(synthetic_root, shards, loaded, tmp_path):

@@ -6,6 +6,7 @@ export + reload, the `agnostos fit` LightningCLI entry point and its config erro
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -353,6 +354,24 @@ def test_export_reloads_to_identical_predictions(resumed, tiny_base, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("pipe")) == ["pipe"]
 
 
+def test_exports_declare_the_resolution_trained_at(resumed, tiny_base, tmp_path):
+    """A UNet fine-tuned at another size than its base declares must say so, or a bank
+    built from it would query at the base's size (SD2 768-v: 768 px for a 128 px model)."""
+    from agnostos.evaluation.bank import model_resolution
+
+    module = resumed["resumed"]
+    live = module.model.unet.config.sample_size  # the tiny base: 16 latents = 32 px
+    checkpoint = module.export_checkpoint(
+        tmp_path / "export", 4, pipeline_dir=tmp_path / "pipe", resolution=64
+    )
+    assert module.model.unet.config.sample_size == live  # the live model is unchanged
+    assert json.loads((checkpoint / "unet" / "config.json").read_text())["sample_size"] == 32
+    assert model_resolution(DynamicsDiffusion.from_pretrained(tiny_base, unet=checkpoint)) == 64
+    assert model_resolution(DynamicsDiffusion.from_pretrained(tmp_path / "pipe")) == 64
+    with pytest.raises(ValueError, match="resolution 63 is not a positive multiple"):
+        module.export_checkpoint(tmp_path / "export", 5, resolution=63)
+
+
 # -- the module's own checks ----------------------------------------------------------------------
 
 
@@ -422,6 +441,21 @@ def cli_args(shards: Path, root: Path, *extra: str) -> list[str]:
         "--trainer.enable_model_summary=false", f"--data.batch_size={BATCH}",
         f"--data.epoch_samples={2 * BATCH}", "--model.sample_steps=2", *extra,
     ]  # fmt: skip
+
+
+def test_fit_exports_declare_the_image_size_trained_at(shards, tmp_path):
+    """The tiny base declares 32 px; trained at 64 px, its export says 64 (32 latents)."""
+    root = tmp_path / "run"
+    args = cli_args(
+        shards, root, "--trainer.max_steps=1", "--trainer.logger=false",
+        "--trainer.limit_val_batches=0", "--data.image_size=64",
+    )  # fmt: skip
+    assert run_fit(args) == 0
+    config = root / "export" / "checkpoint-1" / "unet" / "config.json"
+    assert json.loads(config.read_text())["sample_size"] == 32
+    assert (
+        json.loads((root / "tiny-base" / "unet" / "config.json").read_text())["sample_size"] == 16
+    )
 
 
 def test_run_fit_with_the_tiny_config_trains_logs_exports_and_resumes(shards, tmp_path):

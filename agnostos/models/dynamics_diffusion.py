@@ -35,7 +35,8 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -545,36 +546,66 @@ class DynamicsDiffusion(nn.Module):
     # ------------------------------------------------------------------ export
 
     def export_unet(
-        self, output_dir: str | os.PathLike[str], step: int, unet: nn.Module | None = None
+        self,
+        output_dir: str | os.PathLike[str],
+        step: int,
+        unet: nn.Module | None = None,
+        resolution: int | None = None,
     ) -> Path:
         """Write `<output_dir>/checkpoint-<step>/unet/` (config.json + safetensors).
 
         This is the folder X-ICM loads with `from_pretrained(ckpt, subfolder="unet")`.
         The sampling scheduler config goes alongside in `scheduler/` so the prediction
         type travels with the weights. `unet` overrides the weights exported (EMA).
-        Written to a temporary folder and renamed, so a killed run never leaves a
-        half-written checkpoint under the final name.
+        `resolution`, the image size the UNet was trained at, goes into the exported
+        config's `sample_size` (in latents): a fine-tune otherwise keeps its base's value
+        (SD2 768-v: 96, i.e. 768 px, for a model trained at 128 px), and bank builds take
+        their default query size from it. Written to a temporary folder and renamed, so a
+        killed run never leaves a half-written checkpoint under the final name.
         """
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         final = Path(output_dir) / f"checkpoint-{step}"
         partial = final.with_name(final.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        (unet if unet is not None else self.unet).save_pretrained(
-            partial / "unet", safe_serialization=True
-        )
+        target = unet if unet is not None else self.unet
+        with self._declaring(target, resolution):
+            target.save_pretrained(partial / "unet", safe_serialization=True)
         self.sample_scheduler.save_pretrained(partial / "scheduler")
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
         return final
 
     def save_pipeline(
-        self, output_dir: str | os.PathLike[str], unet: nn.Module | None = None
+        self,
+        output_dir: str | os.PathLike[str],
+        unet: nn.Module | None = None,
+        resolution: int | None = None,
     ) -> Path:
-        """Write a full `StableDiffusionInstructPix2PixPipeline` directory."""
+        """Write a full `StableDiffusionInstructPix2PixPipeline` directory (`resolution`
+        as in `export_unet`)."""
         out = Path(output_dir)
-        self.pipeline(unet).save_pretrained(out, safe_serialization=True)
+        with self._declaring(unet if unet is not None else self.unet, resolution):
+            self.pipeline(unet).save_pretrained(out, safe_serialization=True)
         return out
+
+    @contextmanager
+    def _declaring(self, unet: nn.Module, resolution: int | None) -> Iterator[None]:
+        """While saving, the UNet's config declares `resolution` px as its sample size."""
+        if resolution is None:
+            yield
+            return
+        if resolution < 1 or resolution % self.vae_scale_factor:
+            raise ValueError(
+                f"resolution {resolution} is not a positive multiple of the VAE's "
+                f"downsample factor {self.vae_scale_factor}"
+            )
+        original = unet.config.sample_size
+        unet.register_to_config(sample_size=resolution // self.vae_scale_factor)
+        try:
+            yield
+        finally:
+            unet.register_to_config(sample_size=original)
 
 
 def _drop_frozen_from_state_dict(

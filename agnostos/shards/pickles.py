@@ -1,31 +1,66 @@
-"""Reading and writing RLBench pickles without importing rlbench.
+"""Reading and writing pickles without importing rlbench, through one allowlist unpickler.
 
-`low_dim_obs.pkl` is a pickled `rlbench.demo.Demo` holding `rlbench.backend.observation.
-Observation` objects. Unpickling is code execution, and the data comes from a 140 GB
-download, so `load_pickle` only resolves an allowlist of globals: the two RLBench classes
-(mapped to the plain local classes below) and the numpy/builtin names needed to rebuild
-arrays and scalars. Anything else, `os.system` included, is refused with an error naming
-the file and the global.
+Unpickling is code execution: a pickle names globals (`module.name`) and the unpickler calls
+them. The files read here come from large downloads (RLBench's `low_dim_obs.pkl` and
+friends, X-ICM's `all_diffusion_features.pkl`), so every load goes through
+`RestrictedUnpickler`, which resolves only the globals of a `PickleAllowlist`. Anything else,
+`os.system` included, is refused with an error naming the file and the global.
 
-`dump_pickle` writes the same structure (protocol 4, globals named `rlbench.demo.Demo`
+Two allowlists are defined here, next to each other, so what each file kind may reach is
+reviewed in one place:
+
+* `RLBENCH_ALLOWLIST`: RLBench episode pickles. `low_dim_obs.pkl` is a pickled
+  `rlbench.demo.Demo` of `rlbench.backend.observation.Observation` objects; both classes map
+  to the plain local classes below, plus the numpy/builtin names that rebuild arrays, scalars
+  and plain objects.
+* `XICM_FEATURES_ALLOWLIST`: X-ICM's features pickle, a dict of paths and numpy arrays; only
+  numpy array reconstruction and builtin containers.
+
+The shards layer is the lowest one, so the demo bank (agnostos.evaluation) imports this
+module and never the other way round. Limits on what an allowed global may build (issue 15:
+`bytearray(3e9)`, `list(range(4e8))`) belong in `RestrictedUnpickler.find_class` or in the
+allowlist entries, which every reader shares.
+
+`dump_pickle` writes the RLBench structure (protocol 4, globals named `rlbench.demo.Demo`
 etc.), so files written by minibench or the test helpers load in real RLBench too.
 """
 
 from __future__ import annotations
 
 import builtins
+import codecs
 import copyreg
 import io
 import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
 try:  # numpy >= 2 moved the implementation; numpy.core.* names still resolve in old pickles
     from numpy._core import multiarray as _multiarray
+    from numpy._core import numeric as _numeric
 except ImportError:  # numpy 1
     from numpy.core import multiarray as _multiarray
+    from numpy.core import numeric as _numeric
+
+__all__ = [
+    "RLBENCH_ALLOWLIST",
+    "XICM_FEATURES_ALLOWLIST",
+    "Demo",
+    "Observation",
+    "PickleAllowlist",
+    "PickleReadError",
+    "PickleRefusedError",
+    "RestrictedUnpickler",
+    "dump_pickle",
+    "load_pickle",
+    "make_demo",
+    "make_observation",
+]
 
 
 class Demo:
@@ -56,55 +91,110 @@ class PickleReadError(ValueError):
     """A pickle file could not be read (truncated, corrupt, wrong type)."""
 
 
+# -- allowlists ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PickleAllowlist:
+    """The globals one kind of pickle may name, each mapped to the object it loads as.
+
+    `globals` maps (module, name) as written in the pickle to the object returned; mapping a
+    name to a local stand-in (RLBench's classes) is how files load without their package.
+    `refusal` ends the error for any other global: it tells the reader what the file kind
+    may hold.
+    """
+
+    name: str
+    globals: Mapping[tuple[str, str], Any]
+    refusal: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "globals", MappingProxyType(dict(self.globals)))
+
+    def resolve(self, module: str, name: str) -> Any | None:
+        """The object an allowed (module, name) refers to, or None if it is refused."""
+        return self.globals.get((module, name))
+
+
+def _under(modules: tuple[str, ...], names: Mapping[str, Any]) -> dict[tuple[str, str], Any]:
+    return {(module, name): value for module in modules for name, value in names.items()}
+
+
+# Array and scalar reconstruction, under numpy-1 (`numpy.core`) and numpy-2 (`numpy._core`)
+# module names: files written by either numpy load in both. `_frombuffer` is how protocol 5
+# writes a contiguous array.
+_NUMPY_ARRAYS: dict[tuple[str, str], Any] = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    **_under(
+        ("numpy.core.multiarray", "numpy._core.multiarray"),
+        {"_reconstruct": _multiarray._reconstruct, "scalar": _multiarray.scalar},
+    ),
+    **_under(("numpy.core.numeric", "numpy._core.numeric"), {"_frombuffer": _numeric._frombuffer}),
+}
+# Plain values and containers; `__builtin__` is how Python-2-era protocols name builtins,
+# `_codecs.encode` is how protocol 2 writes bytes objects.
+_BUILTIN_NAMES = (
+    "list", "dict", "tuple", "set", "frozenset", "int", "float", "complex", "bool", "str",
+    "bytes", "bytearray", "slice",
+)  # fmt: skip
+_BUILTIN_VALUES: dict[tuple[str, str], Any] = {
+    **_under(
+        ("builtins", "__builtin__"), {name: getattr(builtins, name) for name in _BUILTIN_NAMES}
+    ),
+    ("_codecs", "encode"): codecs.encode,
+}
 _RLBENCH_CLASSES: dict[tuple[str, str], type] = {
     ("rlbench.demo", "Demo"): Demo,
     ("rlbench.backend.observation", "Observation"): Observation,
 }
 
-_NUMPY_NAMES = {"_reconstruct", "scalar"}
-_NUMPY_MODULES = {"numpy.core.multiarray", "numpy._core.multiarray"}
-_BUILTIN_NAMES = {
-    "list", "dict", "tuple", "set", "frozenset", "int", "float", "complex", "bool", "str",
-    "bytes", "bytearray", "object", "slice", "range",
-}  # fmt: skip
+RLBENCH_ALLOWLIST = PickleAllowlist(
+    name="RLBench episode pickle",
+    globals={
+        **_NUMPY_ARRAYS,
+        **_BUILTIN_VALUES,
+        # `copyreg._reconstructor` rebuilds plain objects in protocol 0-1 files.
+        **_under(("builtins", "__builtin__"), {"object": object, "range": range}),
+        ("copyreg", "_reconstructor"): copyreg._reconstructor,
+        **_RLBENCH_CLASSES,
+    },
+    refusal="only the RLBench Demo/Observation classes and numpy/builtin reconstruction names "
+    "are allowed",
+)
+XICM_FEATURES_ALLOWLIST = PickleAllowlist(
+    name="X-ICM features pickle",
+    globals={**_NUMPY_ARRAYS, **_BUILTIN_VALUES},
+    refusal="a features pickle may only hold numpy arrays and builtin containers",
+)
 
 
-def _allowed_global(module: str, name: str) -> Any | None:
-    """The object an allowed (module, name) refers to, or None if it is refused."""
-    if (module, name) in _RLBENCH_CLASSES:
-        return _RLBENCH_CLASSES[(module, name)]
-    if module in _NUMPY_MODULES and name in _NUMPY_NAMES:
-        return getattr(_multiarray, name)
-    if module == "numpy" and name in {"ndarray", "dtype"}:
-        return getattr(np, name)
-    if module in {"builtins", "__builtin__"} and name in _BUILTIN_NAMES:
-        return getattr(builtins, name)
-    if module == "_codecs" and name == "encode":
-        import codecs
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only the globals of `allowlist`.
 
-        return codecs.encode
-    if module == "copyreg" and name == "_reconstructor":
-        return copyreg._reconstructor
-    return None
+    Every global any reader's pickle can reach passes through `find_class`, so a limit that
+    must hold for all file kinds is added here once.
+    """
 
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file: io.BufferedIOBase, source: str):
+    def __init__(self, file: io.BufferedIOBase, source: str, allowlist: PickleAllowlist):
         super().__init__(file)
         self._source = source
+        self._allowlist = allowlist
 
     def find_class(self, module: str, name: str) -> Any:
-        found = _allowed_global(module, name)
+        found = self._allowlist.resolve(module, name)
         if found is None:
             raise PickleRefusedError(
-                f"{self._source}: refused to load global '{module}.{name}'; only the RLBench "
-                "Demo/Observation classes and numpy/builtin reconstruction names are allowed"
+                f"{self._source}: refused to load global '{module}.{name}'; "
+                f"{self._allowlist.refusal}"
             )
         return found
 
 
-def load_pickle(path: str | Path, data: bytes | None = None) -> Any:
-    """Unpickle an RLBench file (or `data` read from it) through the allowlist.
+def load_pickle(
+    path: str | Path, data: bytes | None = None, allowlist: PickleAllowlist = RLBENCH_ALLOWLIST
+) -> Any:
+    """Unpickle a file (or `data` read from it) through `allowlist` (default: RLBench's).
 
     Raises PickleRefusedError for a forbidden global and PickleReadError for anything else
     that stops the load; both name the file.
@@ -113,7 +203,7 @@ def load_pickle(path: str | Path, data: bytes | None = None) -> Any:
     try:
         if data is None:
             data = Path(path).read_bytes()
-        return _RestrictedUnpickler(io.BytesIO(data), source).load()
+        return RestrictedUnpickler(io.BytesIO(data), source, allowlist).load()
     except PickleRefusedError:
         raise
     except OSError as err:

@@ -99,9 +99,12 @@ class DiffusersExport(L.Callback):
         if trainer.is_global_zero:
             out = self.output_dir(trainer)
             pipeline_dir = out / PIPELINE_DIR if pipeline else None
+            # the datamodule's image size is what the UNet was trained at
+            resolution = getattr(trainer.datamodule, "image_size", None)
             path = pl_module.export_checkpoint(
-                out, step, pipeline_dir=pipeline_dir, unet_weights=unet_weights
-            )
+                out, step, pipeline_dir=pipeline_dir, unet_weights=unet_weights,
+                resolution=resolution,
+            )  # fmt: skip
             self.exported.append(path)
         trainer.strategy.barrier("dynamics-export")
 

@@ -462,8 +462,11 @@ class DynamicsDiffusionModule(L.LightningModule):
         step: int,
         pipeline_dir: str | os.PathLike[str] | None = None,
         unet_weights: dict[str, torch.Tensor] | None = None,
+        resolution: int | None = None,
     ) -> Path:
         """Write `<output_dir>/checkpoint-<step>/unet/` (X-ICM's layout), EMA weights if on.
+
+        `resolution` is the image size trained at, recorded in the UNet's config.
 
         With `pipeline_dir`, also a full `StableDiffusionInstructPix2PixPipeline` there.
         `unet_weights` (the full UNet state, gathered from FSDP shards by the caller)
@@ -474,13 +477,13 @@ class DynamicsDiffusionModule(L.LightningModule):
             raise ValueError("unet_weights and EMA exclude each other (EMA is refused with FSDP)")
         unet = self.model.unet_with_weights(unet_weights) if unet_weights is not None else None
         with self.ema_weights():
-            path = self.model.export_unet(output_dir, step, unet=unet)
+            path = self.model.export_unet(output_dir, step, unet=unet, resolution=resolution)
             fsync_tree(path)
             fsync_directory(path.parent)
             if pipeline_dir is not None:
                 final = Path(pipeline_dir)
                 partial = final.with_name(final.name + ".partial")
                 shutil.rmtree(partial, ignore_errors=True)
-                self.model.save_pipeline(partial, unet=unet)
+                self.model.save_pipeline(partial, unet=unet, resolution=resolution)
                 replace_directory(partial, final)
         return path

@@ -379,7 +379,9 @@ class ActionStats:
     def load(cls, path: str | Path) -> ActionStats:
         try:
             return cls.from_json(json.loads(Path(path).read_text()))
-        except (KeyError, TypeError, ValueError) as err:
+        except KeyError as err:
+            raise ValueError(f"{path}: invalid action statistics (missing {err.args[0]})") from err
+        except (TypeError, ValueError) as err:
             raise ValueError(f"{path}: invalid action statistics ({err})") from err
 
 

@@ -9,6 +9,11 @@ Subcommands:
   agnostos bank build|info|import-pkl|export-pkl   the X-ICM demo bank
   agnostos demo [--config YAML]     the main job on minibench (see `agnostos.demo`)
 
+Exit status, the same for every subcommand: 0 done, 1 the work failed (bad data, a failed
+run), 2 bad usage or configuration. Settings are checked before any work starts (argument
+types and choices in the parser, then each handler's own checks), so a bad one costs
+nothing and leaves no output behind.
+
 Heavy imports happen inside the handlers so `agnostos --help` stays instant.
 """
 
@@ -19,17 +24,20 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from agnostos.cli_types import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CsvChoices,
+    csv,
+    error_message,
+    non_negative_int,
+    positive_int,
+)
 from agnostos.evaluation.bank_cli import add_bank_commands
 
 # Subcommands whose arguments go to LightningCLI unparsed.
 LIGHTNING_COMMANDS = ("fit", "validate")
-
-
-def _csv(text: str) -> tuple[str, ...]:
-    items = tuple(item.strip() for item in text.split(",") if item.strip())
-    if not items:
-        raise argparse.ArgumentTypeError("expected a comma-separated list")
-    return items
 
 
 def _add_shards_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -46,13 +54,27 @@ def _add_shards_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     convert.add_argument("src", type=Path, help="dataset root holding one folder per task")
     convert.add_argument("out", type=Path, help="output folder for shards and manifest.json")
-    convert.add_argument("--tasks", type=_csv, default=None, help="comma-separated task names")
-    convert.add_argument("--cameras", type=_csv, default=CAMERAS, help="default: all five")
     convert.add_argument(
-        "--modalities", type=_csv, default=MODALITIES, help="subset of rgb,depth,mask"
+        "--tasks", type=csv, default=None, help="comma-separated task names (default: all in SRC)"
     )
-    convert.add_argument("--shard-size", default="1GB", help="maximum shard size (e.g. 1GB)")
-    convert.add_argument("--workers", type=int, default=1, help="episode reader processes")
+    cameras = CsvChoices(CAMERAS, "camera")
+    convert.add_argument(
+        "--cameras",
+        type=cameras,
+        default=CAMERAS,
+        help=f"comma-separated subset of {cameras.allowed()} (default: all five)",
+    )
+    modalities = CsvChoices(MODALITIES, "modality")
+    convert.add_argument(
+        "--modalities",
+        type=modalities,
+        default=MODALITIES,
+        help=f"comma-separated subset of {modalities.allowed()} (default: all three)",
+    )
+    convert.add_argument(
+        "--shard-size", type=_size, default="1GB", help="maximum shard size (e.g. 1GB, 512MiB)"
+    )
+    convert.add_argument("--workers", type=positive_int, default=1, help="episode reader processes")
     convert.add_argument(
         "--on-error",
         choices=("fail", "skip"),
@@ -69,26 +91,52 @@ def _add_shards_commands(subparsers: argparse._SubParsersAction) -> None:
     convert.set_defaults(handler=_shards_convert)
 
     verify = commands.add_parser("verify", help="check checksums, decoding and counts")
-    verify.add_argument("out", type=Path)
-    verify.add_argument("--workers", type=int, default=1, help="shards verified in parallel")
+    verify.add_argument("out", type=Path, help="converted folder (with manifest.json)")
+    verify.add_argument(
+        "--workers", type=positive_int, default=1, help="shards verified in parallel"
+    )
     verify.set_defaults(handler=_shards_verify)
 
     info = commands.add_parser("info", help="summarise a converted dataset")
-    info.add_argument("out", type=Path)
+    info.add_argument("out", type=Path, help="converted folder (with manifest.json)")
     info.set_defaults(handler=_shards_info)
 
 
+def _size(text: str) -> int:
+    """`--shard-size`: a byte count such as 1GB, refused at parse time when malformed."""
+    from agnostos.shards.convert import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _shards_convert(args: argparse.Namespace) -> int:
-    from agnostos.shards.convert import ConvertError, ConvertOptions, convert, parse_size
+    """Bad options and a missing SRC are usage errors (2), found before OUT is created;
+    a conversion that fails on the data is 1."""
+    from agnostos.shards.convert import ConvertError, ConvertOptions, convert
+
+    def usage(message: str) -> int:
+        print(f"agnostos shards convert: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
 
     try:
         options = ConvertOptions(
             tasks=args.tasks,
             cameras=args.cameras,
             modalities=args.modalities,
-            shard_size=parse_size(args.shard_size),
+            shard_size=args.shard_size,
             on_error=args.on_error,
         )
+    except ValueError as err:
+        return usage(str(err))
+    if not args.src.is_dir():
+        state = "is not a folder" if args.src.exists() else "does not exist"
+        return usage(f"SRC: {args.src} {state}")
+    if args.out.exists() and not args.out.is_dir():
+        return usage(f"OUT: {args.out} exists and is not a folder")
+    try:
         result = convert(
             args.src,
             args.out,
@@ -97,9 +145,9 @@ def _shards_convert(args: argparse.Namespace) -> int:
             show_progress=not args.no_progress,
             direct_io=not args.buffered_writes,
         )
-    except (ConvertError, ValueError, FileNotFoundError) as err:
-        print(f"agnostos shards convert: error: {err}", file=sys.stderr)
-        return 1
+    except (ConvertError, ValueError, KeyError, OSError) as err:
+        print(f"agnostos shards convert: error: {error_message(err)}", file=sys.stderr)
+        return EXIT_FAILED
     totals = result.manifest.totals
     if result.already_complete:
         print(f"{args.out}: already complete ({totals['episodes']} episodes); nothing to do")
@@ -113,8 +161,8 @@ def _shards_convert(args: argparse.Namespace) -> int:
         print(f"skipped {skipped.source}: {skipped.reason}", file=sys.stderr)
     if totals["episodes"] == 0:
         print("agnostos shards convert: error: no episode could be converted", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def _shards_verify(args: argparse.Namespace) -> int:
@@ -124,7 +172,7 @@ def _shards_verify(args: argparse.Namespace) -> int:
         report = verify(args.out, workers=args.workers)
     except (FileNotFoundError, ValueError) as err:
         print(f"agnostos shards verify: error: {err}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     for fault in report.faults:
         print(f"FAULT {fault}", file=sys.stderr)
     episodes = sum(shard.episodes for shard in report.shards)
@@ -134,7 +182,7 @@ def _shards_verify(args: argparse.Namespace) -> int:
         f"{args.out}: {status}; {len(report.shards)} shards, {episodes} episodes, "
         f"{images} images decoded"
     )
-    return 0 if report.ok else 1
+    return EXIT_OK if report.ok else EXIT_FAILED
 
 
 def _shards_info(args: argparse.Namespace) -> int:
@@ -145,11 +193,13 @@ def _shards_info(args: argparse.Namespace) -> int:
         print(format_info(Manifest.load(args.out)))
     except (FileNotFoundError, ValueError) as err:
         print(f"agnostos shards info: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def _add_sim_commands(subparsers: argparse._SubParsersAction) -> None:
+    from agnostos.tasks import MINIBENCH
+
     sim = subparsers.add_parser("sim", help="minibench, the embedded MuJoCo benchmark")
     commands = sim.add_subparsers(dest="sim_command", required=True)
 
@@ -160,22 +210,42 @@ def _add_sim_commands(subparsers: argparse._SubParsersAction) -> None:
         "(RLBench layout: 15 image folders, low_dim_obs.pkl, variation pickles). Resumes: "
         "episodes already written are kept.",
     )
+    tasks = _minibench_tasks()
     generate.add_argument(
-        "--tasks", default="seen", help="comma-separated task names, or seen, unseen, all"
+        "--tasks",
+        type=tasks,
+        default=MINIBENCH.seen,
+        help=f"seen, unseen, all, or comma-separated task names: {', '.join(tasks.choices)} "
+        "(default: seen)",
     )
-    generate.add_argument("--episodes", type=int, required=True, help="episodes per task")
-    generate.add_argument("--out", type=Path, required=True)
+    generate.add_argument("--episodes", type=positive_int, required=True, help="episodes per task")
+    generate.add_argument(
+        "--out", type=Path, required=True, help="dataset root (one folder per task)"
+    )
     generate.add_argument("--seed", type=int, default=0, help="selects a different set of scenes")
-    generate.add_argument("--image-size", type=int, default=128)
-    generate.add_argument("--workers", type=int, default=1, help="recording processes")
-    generate.add_argument("--no-progress", action="store_true")
+    generate.add_argument(
+        "--image-size", type=positive_int, default=128, help="square camera size in pixels"
+    )
+    generate.add_argument("--workers", type=positive_int, default=1, help="recording processes")
+    generate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     generate.set_defaults(handler=_sim_generate)
 
     render = commands.add_parser("render", help="save the five camera views of a task's scene")
-    render.add_argument("task")
-    render.add_argument("--variation", type=int, default=0)
-    render.add_argument("--episode", type=int, default=0)
-    render.add_argument("--image-size", type=int, default=128)
+    render.add_argument(
+        "task",
+        choices=MINIBENCH.all_tasks,
+        metavar="TASK",
+        help=f"one of {', '.join(MINIBENCH.all_tasks)}",
+    )
+    render.add_argument(
+        "--variation", type=non_negative_int, default=0, help="task variation (from 0)"
+    )
+    render.add_argument(
+        "--episode", type=non_negative_int, default=0, help="episode number: picks the scene"
+    )
+    render.add_argument(
+        "--image-size", type=positive_int, default=128, help="square camera size in pixels"
+    )
     render.add_argument("--out", type=Path, required=True, help="PNG file to write")
     render.set_defaults(handler=_sim_render)
 
@@ -183,21 +253,27 @@ def _add_sim_commands(subparsers: argparse._SubParsersAction) -> None:
     tasks.set_defaults(handler=_sim_tasks)
 
 
-def _minibench_tasks(spec: str) -> tuple[str, ...]:
+def _minibench_tasks() -> CsvChoices:
+    """`--tasks` of `sim generate`: minibench task names, or the words seen, unseen, all."""
     from agnostos.tasks import MINIBENCH
 
     groups = {"seen": MINIBENCH.seen, "unseen": MINIBENCH.unseen, "all": MINIBENCH.all_tasks}
-    if spec in groups:
-        return groups[spec]
-    return _csv(spec)
+    return CsvChoices(MINIBENCH.all_tasks, "minibench task", groups)
 
 
 def _sim_generate(args: argparse.Namespace) -> int:
-    from agnostos.envs.minibench.generate import generate
+    """Bad arguments (an unknown task, a count below 1) are usage errors (2), refused before
+    anything is written; a scripted run that fails is 1."""
+    from agnostos.envs.minibench.generate import check_generate_arguments, generate
 
     try:
+        check_generate_arguments(args.tasks, args.episodes, args.image_size, args.workers)
+    except (KeyError, ValueError) as err:
+        print(f"agnostos sim generate: error: {error_message(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         summary = generate(
-            _minibench_tasks(args.tasks),
+            args.tasks,
             args.episodes,
             args.out,
             seed=args.seed,
@@ -205,27 +281,35 @@ def _sim_generate(args: argparse.Namespace) -> int:
             workers=args.workers,
             progress=not args.no_progress,
         )
-    except (KeyError, ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (KeyError, ValueError, RuntimeError, OSError) as err:
+        print(f"agnostos sim generate: error: {error_message(err)}", file=sys.stderr)
+        return EXIT_FAILED
     for task, record in summary.items():
         print(
             f"{task}: {record.written} written, {record.already_present} already present, "
             f"{record.failed_attempts} failed scripted attempts retried"
         )
-    return 0
+    return EXIT_OK
 
 
 def _sim_render(args: argparse.Namespace) -> int:
+    """A variation the task does not have is a usage error (2), checked before the scene
+    is built; a render that fails is 1."""
     from agnostos.envs.minibench.render import render_task
+    from agnostos.envs.minibench.tasks import TASKS
 
     try:
+        TASKS[args.task].check_variation(args.variation)
+    except ValueError as err:
+        print(f"agnostos sim render: error: --variation: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         path = render_task(args.task, args.out, args.variation, args.episode, args.image_size)
-    except (KeyError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (KeyError, ValueError, RuntimeError, OSError) as err:
+        print(f"agnostos sim render: error: {error_message(err)}", file=sys.stderr)
+        return EXIT_FAILED
     print(path)
-    return 0
+    return EXIT_OK
 
 
 def _sim_tasks(args: argparse.Namespace) -> int:
@@ -238,10 +322,25 @@ def _sim_tasks(args: argparse.Namespace) -> int:
         level = MINIBENCH.level_of(name) if split == "unseen" else "-"
         task = TASKS[name]
         print(f"{name:<24} {split:<7} {level:<7} {task.variations:>10}  {task.descriptions(0)[0]}")
-    return 0
+    return EXIT_OK
+
+
+# `agnostos demo` flags that override a count in the demo YAML: (flag, help).
+_DEMO_COUNTS = (
+    ("seen-episodes", "demos per seen task (the bank)"),
+    ("unseen-episodes", "demos per unseen task (the queries)"),
+    ("vae-steps", "steps fitting the tiny base's autoencoder"),
+    ("train-steps", "dynamics-model training steps"),
+    ("batch-size", "training batch size"),
+    ("sampling-steps", "denoising steps for bank and query features"),
+    ("top-k", "demos retrieved per query"),
+    ("workers", "demo-generation processes"),
+)
 
 
 def _add_demo_command(subparsers: argparse._SubParsersAction) -> None:
+    from agnostos.tasks import MINIBENCH
+
     demo = subparsers.add_parser(
         "demo",
         help="run the main job: minibench demos -> shards -> dynamics model -> bank -> retrieval",
@@ -250,14 +349,32 @@ def _add_demo_command(subparsers: argparse._SubParsersAction) -> None:
         "top-K demos retrieved for every unseen-task demo. Resumes where it stopped. Settings "
         "come from --config (default configs/demo.yaml); flags override them.",
     )
-    demo.add_argument("--config", type=Path, default=None, help="demo YAML (configs/demo.yaml)")
+    demo.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="demo YAML (default: the installed configs/demo.yaml)",
+    )
     demo.add_argument("--out", default=None, help="working folder (runs/demo)")
-    for flag in ("seen-episodes", "unseen-episodes", "vae-steps", "train-steps", "batch-size",
-                 "sampling-steps", "top-k", "workers", "seed"):  # fmt: skip
-        demo.add_argument(f"--{flag}", type=int, default=None)
-    demo.add_argument("--seen-tasks", type=_csv, default=None, help="subset, e.g. open_drawer")
-    demo.add_argument("--unseen-tasks", type=_csv, default=None, help="subset of unseen tasks")
-    demo.add_argument("--ranker", default=None, help="lang_vis_out (X-ICM), cosine or random")
+    for flag, text in _DEMO_COUNTS:
+        demo.add_argument(f"--{flag}", type=positive_int, default=None, help=text)
+    demo.add_argument("--seed", type=int, default=None, help="selects other scenes and seeds")
+    for split, known in (("seen", MINIBENCH.seen), ("unseen", MINIBENCH.unseen)):
+        tasks = CsvChoices(known, f"{split} task")
+        demo.add_argument(
+            f"--{split}-tasks",
+            type=tasks,
+            default=None,
+            help=f"comma-separated subset of {tasks.allowed()} (default: all)",
+        )
+    from agnostos.evaluation.rankers import RANKER_NAMES  # numpy only: --help stays fast
+
+    demo.add_argument(
+        "--ranker",
+        choices=RANKER_NAMES,
+        default=None,
+        help="lang_vis_out (X-ICM's ranking, also spelt lang_vis.out), cosine or random",
+    )
     demo.add_argument("--no-wandb", action="store_true", help="skip the offline W&B runs")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_demo)
@@ -281,9 +398,9 @@ def _demo(args: argparse.Namespace) -> int:
         config = DemoConfig.from_yaml(config_path, **overrides)
     except ValueError as error:
         print(f"agnostos demo: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     run_demo(config)
-    return 0
+    return EXIT_OK
 
 
 def _add_fit_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -307,13 +424,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand and return its exit status (see `agnostos.cli_types`).
+
+    argparse ends a bad command line (and --help) with SystemExit; that status is returned
+    like every handler's, so callers (and `agnostos fit`, whose LightningCLI does the same)
+    see one convention: 0 done, 1 the work failed, 2 bad usage or configuration.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
         from agnostos.trainers.cli import run_fit
 
         return run_fit(argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:
+        return _exit_status(stop)
     return args.handler(args)
+
+
+def _exit_status(stop: SystemExit) -> int:
+    code = stop.code
+    if code is None:
+        return EXIT_OK
+    return code if isinstance(code, int) else EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -16,6 +16,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from agnostos.cli_types import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CsvChoices,
+    csv,
+    error_message,
+    positive_int,
+)
+
 __all__ = [
     "add_bank_commands",
     "bank_build",
@@ -24,32 +34,21 @@ __all__ = [
     "bank_info",
 ]
 
+# agnostos.evaluation.bank.DEMO_TEXT_MODES, repeated so that building the parser imports no torch.
 DEMO_TEXT_MODES = ("required", "optional", "off")
 
 
-def _csv(text: str) -> tuple[str, ...]:
-    items = tuple(item.strip() for item in text.split(",") if item.strip())
-    if not items:
-        raise argparse.ArgumentTypeError("expected a comma-separated list")
-    return items
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _fail(command: str, error: BaseException) -> int:
-    message = error.args[0] if isinstance(error, KeyError) and error.args else error
-    print(f"agnostos bank {command}: error: {message}", file=sys.stderr)
-    return 1
+    """One error line (a KeyError's text without its repr quotes, see `error_message`)."""
+    print(f"agnostos bank {command}: error: {error_message(error)}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def add_bank_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add `bank build|info|import-pkl|export-pkl` to an `agnostos` subparser set."""
     from agnostos.evaluation.observation_text import DEFAULT_CAMERAS
+    from agnostos.shards.episode import CAMERAS
+    from agnostos.tasks import SUITES
 
     bank = subparsers.add_parser("bank", help="build and inspect X-ICM demo banks")
     commands = bank.add_subparsers(dest="bank_command", required=True)
@@ -79,21 +78,31 @@ def add_bank_commands(subparsers: argparse._SubParsersAction) -> None:
         "--base", type=Path, default=None, help="Stable Diffusion base for a checkpoint"
     )
     build.add_argument("--out", required=True, type=Path, help="bank folder to write")
-    build.add_argument("--batch-size", type=_positive, default=16)
     build.add_argument(
-        "--chunk-size", type=_positive, default=256, help="demos per resumable chunk"
+        "--batch-size", type=positive_int, default=16, help="demos through the model at once"
+    )
+    build.add_argument(
+        "--chunk-size", type=positive_int, default=256, help="demos per resumable chunk"
     )
     build.add_argument("--seed", type=int, default=0, help="base of the per-demo seeds")
-    build.add_argument("--steps", type=_positive, default=50, help="sampling steps (X-ICM: 50)")
+    build.add_argument("--steps", type=positive_int, default=50, help="sampling steps (X-ICM: 50)")
     build.add_argument("--guidance", type=float, default=2.5, help="text guidance (X-ICM: 2.5)")
     build.add_argument(
         "--image-guidance", type=float, default=2.5, help="image guidance (X-ICM: 2.5)"
     )
-    build.add_argument("--camera", default="front", help="query image camera (X-ICM: front)")
     build.add_argument(
-        "--resolution", type=_positive, default=128, help="square query size (X-ICM: 128)"
+        "--camera", choices=CAMERAS, default="front", help="query image camera (X-ICM: front)"
     )
-    build.add_argument("--tasks", type=_csv, default=None, help="comma-separated task names")
+    build.add_argument(
+        "--resolution",
+        type=positive_int,
+        default=None,
+        help="square query size in pixels; default: the model's resolution, its UNet's "
+        "sample_size times the VAE factor (exports of `agnostos fit` declare the size they "
+        "were trained at: 128 for the SD2 recipe). The published X-ICM checkpoint keeps "
+        "SD2 768-v's 768 there: pass 128 with it, as X-ICM does",
+    )
+    build.add_argument("--tasks", type=csv, default=None, help="comma-separated task names")
     build.add_argument(
         "--demo-text",
         choices=DEMO_TEXT_MODES,
@@ -102,22 +111,30 @@ def add_bank_commands(subparsers: argparse._SubParsersAction) -> None:
         "the reason; off: skip",
     )
     build.add_argument(
-        "--suite", default="agnostos", help="task suite whose object-name maps the text uses"
+        "--suite",
+        default="agnostos",
+        choices=sorted(SUITES),
+        help="task suite whose object-name maps the text uses",
     )
     build.add_argument(
         "--text-cameras",
-        type=_csv,
+        type=CsvChoices(CAMERAS, "camera"),
         default=DEFAULT_CAMERAS,
-        help="cameras averaged for object positions (X-ICM: all five)",
+        help=f"cameras averaged for object positions, from {', '.join(CAMERAS)} (X-ICM: all five)",
     )
     build.add_argument(
         "--save-images", action="store_true", help="also write decoded predictions as PNG"
     )
     build.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    build.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    build.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="the model's weight dtype",
+    )
     build.add_argument(
         "--max-chunks",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="stop after writing this many chunks (rerun to resume)",
     )
@@ -125,7 +142,7 @@ def add_bank_commands(subparsers: argparse._SubParsersAction) -> None:
     build.set_defaults(handler=bank_build)
 
     info = commands.add_parser("info", help="summarise a bank folder")
-    info.add_argument("bank", type=Path)
+    info.add_argument("bank", type=Path, help="bank folder (bank.json, features.safetensors)")
     info.set_defaults(handler=bank_info)
 
     importer = commands.add_parser(
@@ -134,15 +151,15 @@ def add_bank_commands(subparsers: argparse._SubParsersAction) -> None:
         description="Read the published pickle with an allowlist unpickler (numpy arrays "
         "and builtins only) and write features.safetensors + bank.json.",
     )
-    importer.add_argument("pkl", type=Path)
-    importer.add_argument("--out", required=True, type=Path)
+    importer.add_argument("pkl", type=Path, help="X-ICM's all_diffusion_features.pkl")
+    importer.add_argument("--out", required=True, type=Path, help="bank folder to write")
     importer.set_defaults(handler=bank_import_pkl)
 
     exporter = commands.add_parser(
         "export-pkl", help="write a bank as X-ICM's all_diffusion_features.pkl"
     )
-    exporter.add_argument("bank", type=Path)
-    exporter.add_argument("pkl", type=Path)
+    exporter.add_argument("bank", type=Path, help="bank folder to export")
+    exporter.add_argument("pkl", type=Path, help="pickle file to write")
     exporter.add_argument(
         "--root",
         default=None,
@@ -157,7 +174,7 @@ def bank_build(args: argparse.Namespace) -> int:
     from agnostos.evaluation.bank import BankBuildConfig, BankError, build_bank, load_model
     from agnostos.models.dynamics_diffusion import SamplingConfig
 
-    try:
+    try:  # settings first: a bad one is usage (2), before any model is loaded
         config = BankBuildConfig(
             shards=args.shards,
             manifest=args.manifest,
@@ -177,6 +194,10 @@ def bank_build(args: argparse.Namespace) -> int:
             text_cameras=args.text_cameras,
             save_images=args.save_images,
         )
+    except (BankError, ValueError) as error:
+        print(f"agnostos bank build: error: {error_message(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         model, identity = load_model(args.model, args.base, args.device, args.dtype)
         result = build_bank(
             config,
@@ -201,9 +222,9 @@ def bank_build(args: argparse.Namespace) -> int:
         resumed = f", resumed after {result.resumed_from} demos" if result.resumed_from else ""
         print(
             f"{args.out}: {len(bank)} demos in {result.chunks_done} chunk(s){resumed}; "
-            f"demo text for {texts}"
+            f"demo text for {texts}; queries at {bank.extraction.resolution} px"
         )
-    return 0
+    return EXIT_OK
 
 
 def bank_info(args: argparse.Namespace) -> int:
@@ -214,7 +235,7 @@ def bank_info(args: argparse.Namespace) -> int:
         print(format_bank_info(DemoBank.load(args.bank)))
     except (BankError, FileNotFoundError) as error:
         return _fail("info", error)
-    return 0
+    return EXIT_OK
 
 
 def bank_import_pkl(args: argparse.Namespace) -> int:
@@ -227,7 +248,7 @@ def bank_import_pkl(args: argparse.Namespace) -> int:
     except (BankError, FileNotFoundError) as error:
         return _fail("import-pkl", error)
     print(f"{args.out}: {len(bank)} demos imported from {args.pkl}")
-    return 0
+    return EXIT_OK
 
 
 def bank_export_pkl(args: argparse.Namespace) -> int:
@@ -240,4 +261,4 @@ def bank_export_pkl(args: argparse.Namespace) -> int:
     except (BankError, FileNotFoundError) as error:
         return _fail("export-pkl", error)
     print(f"{path}: {len(bank)} demos in X-ICM's all_diffusion_features.pkl layout")
-    return 0
+    return EXIT_OK

@@ -33,6 +33,7 @@ import numpy as np
 
 __all__ = [
     "RANKERS",
+    "RANKER_NAMES",
     "CosineRanker",
     "LangVisOutRanker",
     "RandomRanker",
@@ -280,6 +281,8 @@ RANKERS: dict[str, type] = {
     "cosine": CosineRanker,
 }
 _ALIASES = {"lang_vis.out": "lang_vis_out"}
+# Every name `make_ranker` accepts (X-ICM's spelling included): parsers offer exactly these.
+RANKER_NAMES: tuple[str, ...] = (*RANKERS, *_ALIASES)
 
 
 def make_ranker(name: str, **options: Any) -> Ranker:

@@ -77,6 +77,10 @@ def parse_size(text: str) -> int:
 
 @dataclass(frozen=True)
 class ConvertOptions:
+    """What to convert and how; checked whole when built, so `convert` refuses bad options
+    before it creates the output folder or reads an episode (an unknown camera used to
+    fail on the first episode, leaving an empty output folder behind)."""
+
     tasks: tuple[str, ...] | None = None
     cameras: tuple[str, ...] = CAMERAS
     modalities: tuple[str, ...] = MODALITIES
@@ -85,12 +89,36 @@ class ConvertOptions:
 
     def __post_init__(self) -> None:
         if self.on_error not in ("fail", "skip"):
-            raise ValueError(f"--on-error must be 'fail' or 'skip', not {self.on_error!r}")
-        bad = [modality for modality in self.modalities if modality not in MODALITIES]
-        if bad:
-            raise ValueError(f"unknown modality {bad[0]!r}; choose from {list(MODALITIES)}")
-        if not self.cameras or not self.modalities:
-            raise ValueError("at least one camera and one modality are needed")
+            raise ValueError(f"on_error must be 'fail' or 'skip', not {self.on_error!r}")
+        if self.tasks is not None:
+            object.__setattr__(self, "tasks", self._names("tasks", self.tasks, None))
+        object.__setattr__(self, "cameras", self._names("cameras", self.cameras, CAMERAS))
+        object.__setattr__(
+            self, "modalities", self._names("modalities", self.modalities, MODALITIES)
+        )
+        size = self.shard_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"shard_size must be a positive number of bytes, got {size!r}")
+
+    @staticmethod
+    def _names(key: str, values: Sequence[str], allowed: Sequence[str] | None) -> tuple[str, ...]:
+        """`values` as a tuple of distinct names, each one of `allowed` (when given)."""
+        if isinstance(values, str) or not all(isinstance(value, str) for value in values):
+            raise ValueError(f"{key} must be a list of names, got {values!r}")
+        values = tuple(values)
+        if not values:
+            raise ValueError(f"{key}: at least one is needed")
+        if allowed is not None:
+            unknown = [value for value in values if value not in allowed]
+            if unknown:
+                raise ValueError(
+                    f"{key}: unknown {', '.join(map(repr, unknown))}; "
+                    f"choose from {', '.join(allowed)}"
+                )
+        repeated = sorted({value for value in values if values.count(value) > 1})
+        if repeated:
+            raise ValueError(f"{key}: {', '.join(repeated)} listed more than once")
+        return values
 
     def as_json(self) -> dict[str, Any]:
         """The options as plain JSON values (as stored in the manifest)."""
@@ -151,7 +179,9 @@ def encode_episode(
     except (PickleReadError, PickleRefusedError, OSError, ValueError, KeyError, TypeError) as err:
         # EpisodeError is a ValueError; other ValueErrors/TypeErrors come from malformed
         # pickle contents. Name the episode folder when the message does not already.
-        message = str(err) if str(location.path) in str(err) else f"{location.path}: {err}"
+        # (a KeyError's str() is its key in quotes: say what is missing instead).
+        detail = f"missing key {err.args[0]}" if isinstance(err, KeyError) else str(err)
+        message = detail if str(location.path) in detail else f"{location.path}: {detail}"
         return FailedEpisode(location.relative, message, builder)
     entry = ShardEpisode(
         key=episode.key,

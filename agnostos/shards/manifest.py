@@ -150,7 +150,9 @@ class Manifest:
             return cls.from_json(json.loads(path.read_text()))
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no shard manifest here") from None
-        except (ValueError, KeyError, TypeError) as err:
+        except KeyError as err:
+            raise ValueError(f"{path}: invalid manifest (missing key {err.args[0]})") from err
+        except (ValueError, TypeError) as err:
             raise ValueError(f"{path}: invalid manifest ({err})") from err
 
 

@@ -19,6 +19,7 @@ offline unless configured otherwise).
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -28,10 +29,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from agnostos.datamodules.dynamics import DynamicsDataModule
+from agnostos.shards.manifest import MANIFEST_NAME
 from agnostos.trainers.callbacks import DiffusersExport
 from agnostos.trainers.dynamics import TINY_BASE, DynamicsDiffusionModule
 
-__all__ = ["DynamicsCLI", "FitConfigError", "run_fit"]
+__all__ = ["DynamicsCLI", "FitConfigError", "check_paths", "local_path", "run_fit"]
 
 SUBCOMMANDS = ("fit", "validate")
 DEFAULT_ROOT = "runs/dynamics"
@@ -46,6 +48,70 @@ class FitConfigError(Exception):
 def _init_args(node: Any) -> Any:
     """The init_args namespace of a `class_path` node, or None."""
     return getattr(node, "init_args", None) if hasattr(node, "class_path") else None
+
+
+# A URL scheme (`pipe:`, `s3://`, `file:`...); two letters at least, so `C:` stays a path.
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
+
+
+def local_path(text: str) -> Path | None:
+    """`text` as a plain local path, or None when the shard reader treats it as URLs.
+
+    Shard strings are expanded by `webdataset.shardlists.expand_urls` (see
+    `agnostos.datamodules.catalogue.shard_catalogue`): brace patterns and `::`-separated
+    lists name several shards, and a scheme (`pipe:`, `s3://`) names no local file, so
+    only a string with none of these can be checked on disk up front.
+    """
+    if "::" in text or "{" in text or _SCHEME.match(text):
+        return None
+    return Path(text)
+
+
+def check_paths(config: Any) -> None:
+    """Refuse missing local inputs of a fit/validate config before anything is built.
+
+    Without this a missing `data.shards` surfaced only when training started: after the
+    tiny base was built and a W&B run opened. Raises `FitConfigError` naming the key.
+    """
+    # a `class_path` node keeps its settings in init_args
+    model = _init_args(config.model) or config.model
+    data = _init_args(config.data) or config.data
+    base = getattr(model, "base", None)
+    if base is not None and base != TINY_BASE and not Path(base).exists():
+        raise FitConfigError(
+            f"model.base: {base} does not exist (a local Stable Diffusion folder in "
+            f"diffusers layout, or {TINY_BASE})"
+        )
+    unet = getattr(model, "unet", None)
+    if unet is not None and not Path(unet).exists():
+        raise FitConfigError(f"model.unet: {unet} does not exist")
+    shards, folders = getattr(data, "shards", None), getattr(data, "folders", None)
+    manifest = getattr(data, "manifest", None)
+    if (shards is None) == (folders is None):
+        raise FitConfigError(
+            "data: give exactly one data source, data.shards (a converted shard folder or "
+            "shard URLs) or data.folders (an RLBench dataset root)"
+        )
+    if manifest is not None:
+        path = local_path(str(manifest))
+        if path is not None and not path.exists():
+            raise FitConfigError(f"data.manifest: {manifest} does not exist")
+        if path is not None and path.is_dir() and not (path / MANIFEST_NAME).is_file():
+            raise FitConfigError(f"data.manifest: {manifest} holds no {MANIFEST_NAME}")
+    if shards is not None:
+        path = local_path(str(shards))
+        if path is not None and not path.exists():
+            raise FitConfigError(f"data.shards: {shards} does not exist")
+        if path is not None and manifest is None and not (path / MANIFEST_NAME).is_file():
+            raise FitConfigError(
+                f"data.shards: {shards} is not a converted shard folder (no {MANIFEST_NAME}); "
+                "give data.manifest as well for shard files or URLs"
+            )
+    if folders is not None:
+        path = local_path(str(folders))
+        if path is not None and not path.is_dir():
+            state = "is not a folder" if path.exists() else "does not exist"
+            raise FitConfigError(f"data.folders: {folders} {state}")
 
 
 class DynamicsCLI(LightningCLI):
@@ -75,6 +141,8 @@ class DynamicsCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
+        # First: nothing (run folder, tiny base, W&B run) may exist for a config that fails.
+        check_paths(config)
         trainer = config.trainer
         if trainer.default_root_dir is None:
             trainer.default_root_dir = DEFAULT_ROOT
@@ -110,6 +178,8 @@ def run_fit(argv: list[str], subcommand: str = "fit") -> int:
     `argv` may start with a subcommand ("fit" or "validate"); otherwise `subcommand` is
     used. Returns the exit status: 0 on success, 2 for a rejected configuration (the
     message names the setting), jsonargparse's status for parse errors and --help.
+    Missing local inputs (`model.base`, `model.unet`, `data.shards`, `data.folders`,
+    `data.manifest`) are refused before the run folder, the tiny base or a W&B run exist.
     Weights & Biases runs offline unless WANDB_MODE says otherwise, and the Hugging Face
     hub is never contacted (all weights are local).
     """

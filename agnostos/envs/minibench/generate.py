@@ -196,6 +196,32 @@ def run_job(job: EpisodeJob) -> tuple[str, int, list[str]]:
     )
 
 
+def check_generate_arguments(
+    tasks: Sequence[str], episodes: int, image_size: int = 128, workers: int = 1
+) -> None:
+    """Refuse bad arguments of `generate` before any folder is made or scene is built.
+
+    An unknown task is a KeyError naming the known ones; a count below 1, an empty or
+    repeated task list is a ValueError naming the argument. `agnostos sim generate` calls
+    this first so it can tell a bad command (exit 2) from a failed run (exit 1).
+    """
+    from agnostos.envs.minibench.tasks import TASKS
+
+    if isinstance(tasks, str):
+        raise ValueError(f"tasks must be a sequence of task names, not the string {tasks!r}")
+    if not tasks:
+        raise ValueError("tasks: at least one minibench task is needed")
+    unknown = [task for task in tasks if task not in TASKS]
+    if unknown:
+        raise KeyError(f"unknown minibench task {unknown[0]!r}; known: {', '.join(sorted(TASKS))}")
+    repeated = sorted({task for task in tasks if list(tasks).count(task) > 1})
+    if repeated:
+        raise ValueError(f"tasks: {', '.join(repeated)} listed more than once")
+    for name, value in (("episodes", episodes), ("image_size", image_size), ("workers", workers)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def generate(
     tasks: Sequence[str],
     episodes: int,
@@ -208,9 +234,7 @@ def generate(
     """Write `episodes` demos of every task under `out`; variations cycle over episodes."""
     from agnostos.envs.minibench.tasks import TASKS
 
-    unknown = [task for task in tasks if task not in TASKS]
-    if unknown:
-        raise KeyError(f"unknown minibench task {unknown[0]!r}; known: {sorted(TASKS)}")
+    check_generate_arguments(tasks, episodes, image_size, workers)
     out = Path(out)
     summary = {task: TaskSummary() for task in tasks}
     jobs = []

@@ -1,10 +1,10 @@
 """`agnostos demo`: the whole retrieval pipeline on the embedded simulator, on a CPU.
 
-The stages, each resumable (a finished stage is skipped when the command runs again):
+The stages (`demo_stages`), run through `agnostos.stages.StageRunner`:
 
-1. **demos**: minibench writes scripted demos of the seen tasks (the demo bank's source)
-   and of the unseen tasks (the queries), in RLBench's on-disk layout.
-2. **shards**: both sets are converted to WebDataset shards and verified.
+1. **seen_demos, unseen_demos**: minibench writes scripted demos of the seen tasks (the
+   demo bank's source) and of the unseen tasks (the queries), in RLBench's on-disk layout.
+2. **seen_shards, unseen_shards**: each set is converted to WebDataset shards and verified.
 3. **base**: a tiny Stable-Diffusion-shaped base is built from configs, and its
    autoencoder is fitted to the seen front frames (a real base brings a pretrained one).
 4. **train**: the tiny dynamics diffusion model trains on the seen shards through
@@ -13,20 +13,25 @@ The stages, each resumable (a finished stage is skipped when the command runs ag
 5. **bank**: features of every seen demo are extracted with the trained model.
 6. **retrieve**: for each unseen demo, its first front frame and instruction go through
    the same model; the bank is ranked (X-ICM's `lang_vis_out` by default) and the top-K
-   demos are reported with scores. The predicted future frames are saved as images.
+   demos are kept with scores. Image strips with the predicted future are saved.
+
+Each stage records a fingerprint of its settings and of the stages it reads. Run the
+command again and a stage is skipped only when its fingerprint is unchanged; a changed
+setting re-runs that stage and every stage that depends on it, and the summary is written
+from what the stages recorded, never from the current flags.
 
 Outputs, under `--out`: `summary.txt` (plain text), `summary.json`, `retrievals/*.png`,
-the shards, the trained checkpoints and the bank, and offline W&B runs under `wandb/`.
+the shards, the trained checkpoints and the bank, `stages/*.json` (the records), and
+offline W&B runs under `wandb/`.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import sys
-import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -35,9 +40,11 @@ import numpy as np
 import yaml
 
 from agnostos.atomic import atomic_write_bytes, atomic_write_json, replace_directory
+from agnostos.resources import packaged_config
+from agnostos.stages import Stage, StageRecord, StageRunner
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-DYNAMICS_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "dynamics" / "tiny.yaml"
+DEMO_CONFIG = packaged_config("demo.yaml")
+DYNAMICS_CONFIG = packaged_config("dynamics/tiny.yaml")
 
 
 @dataclass(frozen=True)
@@ -62,37 +69,101 @@ class DemoConfig:
     wandb: bool = True
     progress: bool = True
 
+    # Lower bounds of the integer settings; an int setting not listed here may be any int.
+    _MINIMA = (
+        ("seen_episodes", 1), ("unseen_episodes", 1), ("image_size", 1), ("workers", 1),
+        ("vae_steps", 1), ("train_steps", 1), ("batch_size", 1), ("sampling_steps", 1),
+        ("top_k", 1),
+    )  # fmt: skip
+
     def __post_init__(self) -> None:
+        """Check (and normalise) every setting, so a bad one stops the demo before stage 1
+        instead of minutes later in the stage that first uses it."""
+        current = {item.name: getattr(self, item.name) for item in fields(self)}
+        for name, value in self._checked(current, "demo config").items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def _checked(cls, values: dict[str, Any], where: str) -> dict[str, Any]:
+        """`values` (some or all settings) type- and range-checked, lists made tuples.
+
+        Raises ValueError `<where>: <key> must be ..., got <value>`, naming the allowed
+        values where there is a fixed set.
+        """
+        kinds = {item.name: item.type for item in fields(cls)}
+        return {name: cls._check(name, kinds[name], value, where) for name, value in values.items()}
+
+    @classmethod
+    def _check(cls, name: str, kind: Any, value: Any, where: str) -> Any:
+        def refuse(expected: str, hint: str = "") -> ValueError:
+            return ValueError(f"{where}: {name} must be {expected}, got {value!r}{hint}")
+
+        if kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise refuse("an integer")
+            minimum = dict(cls._MINIMA).get(name)
+            if minimum is not None and value < minimum:
+                raise refuse(f">= {minimum}")
+            return value
+        if kind == "float":
+            if isinstance(value, str):
+                try:
+                    float(value)
+                except ValueError:
+                    pass
+                else:  # YAML 1.1 reads 1e-4 as text; 1.0e-4 is a number
+                    raise refuse("a number", " (YAML reads it as text: write e.g. 1.0e-4)")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise refuse("a number")
+            if not 0 < value < float("inf"):
+                raise refuse("a positive number")
+            return float(value)
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise refuse("true or false")
+            return value
+        if kind == "str" and name == "ranker":
+            from agnostos.evaluation.rankers import RANKER_NAMES as names
+
+            if not isinstance(value, str) or value not in names:
+                raise refuse(f"one of {', '.join(names)}")
+            return value
+        if kind == "str":
+            if not isinstance(value, (str, os.PathLike)):
+                raise refuse("a folder path")
+            return os.fspath(value)
+        if kind == "tuple[str, ...] | None":
+            return cls._check_tasks(name, value, where)
+        raise TypeError(f"DemoConfig.{name}: no check for settings of type {kind}")
+
+    @staticmethod
+    def _check_tasks(name: str, value: Any, where: str) -> tuple[str, ...] | None:
         from agnostos.tasks import MINIBENCH
 
-        for name, known in (("seen_tasks", MINIBENCH.seen), ("unseen_tasks", MINIBENCH.unseen)):
-            chosen = getattr(self, name)
-            if chosen is None:
-                continue
-            object.__setattr__(self, name, tuple(chosen))
-            unknown = [task for task in chosen if task not in known]
-            if unknown or not chosen:
-                raise ValueError(
-                    f"demo config: {name} has unknown task(s) {unknown} (or none); "
-                    f"choose from {list(known)}"
-                )
-        names = (
-            "seen_episodes",
-            "unseen_episodes",
-            "vae_steps",
-            "train_steps",
-            "batch_size",
-            "top_k",
-        )
-        for name in names:
-            if getattr(self, name) < 1:
-                raise ValueError(f"demo config: {name} must be >= 1, got {getattr(self, name)}")
-        if self.sampling_steps < 1:
-            raise ValueError(f"demo config: sampling_steps must be >= 1, got {self.sampling_steps}")
+        if value is None:
+            return None
+        known = {"seen_tasks": MINIBENCH.seen, "unseen_tasks": MINIBENCH.unseen}[name]
+        choices = f"choose from {', '.join(known)}"
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: {name} must be a list of task names, got {value!r}")
+        if not value:
+            raise ValueError(f"{where}: {name} must name at least one task; {choices}")
+        unknown = [task for task in value if task not in known]
+        if unknown:
+            listed = ", ".join(repr(task) for task in unknown)
+            raise ValueError(f"{where}: {name} has unknown task(s) {listed}; {choices}")
+        repeated = sorted({task for task in value if list(value).count(task) > 1})
+        if repeated:
+            raise ValueError(f"{where}: {name} lists {', '.join(repeated)} more than once")
+        return tuple(value)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> DemoConfig:
-        """Read a YAML mapping of `DemoConfig` fields; unknown keys are an error naming them."""
+        """Read a YAML mapping of `DemoConfig` fields; unknown keys are an error naming them.
+
+        The file's values are checked first, so an error names the file; `overrides` (the
+        command-line flags, None meaning "not given") are checked as `demo config`.
+        """
         path = Path(path)
         try:
             values = yaml.safe_load(path.read_text()) or {}
@@ -101,9 +172,10 @@ class DemoConfig:
         if not isinstance(values, dict):
             raise ValueError(f"{path}: the demo config must be a mapping of settings")
         known = {item.name for item in fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - known, key=str)
         if unknown:
             raise ValueError(f"{path}: unknown demo setting(s) {unknown}; known: {sorted(known)}")
+        values = cls._checked(values, str(path))
         values.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**values)
 
@@ -151,72 +223,57 @@ class DemoPaths:
         return self.root / "stages"
 
 
-def _stage_done(paths: DemoPaths, name: str) -> dict[str, Any] | None:
-    marker = paths.stages / f"{name}.json"
-    return json.loads(marker.read_text()) if marker.exists() else None
-
-
-def _finish_stage(paths: DemoPaths, name: str, record: dict[str, Any]) -> dict[str, Any]:
-    paths.stages.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(paths.stages / f"{name}.json", record)
-    return record
-
-
 def _log(message: str) -> None:
     print(f"[agnostos demo] {message}", flush=True)
 
 
-def make_demos(config: DemoConfig, paths: DemoPaths) -> dict[str, Any]:
-    """Stage 1: scripted minibench demos of the seen and unseen tasks (resumes per episode)."""
-    from agnostos.envs.minibench.generate import generate
+def _tasks(config: DemoConfig, split: str) -> tuple[str, ...]:
     from agnostos.tasks import MINIBENCH
 
-    record: dict[str, Any] = {}
-    for split, tasks, episodes, out in (
-        ("seen", config.seen_tasks or MINIBENCH.seen, config.seen_episodes, paths.seen_demos),
-        (
-            "unseen",
-            config.unseen_tasks or MINIBENCH.unseen,
-            config.unseen_episodes,
-            paths.unseen_demos,
-        ),
-    ):
-        _log(f"generating {episodes} {split} demo(s) for each of {len(tasks)} tasks")
-        started = time.monotonic()
-        summary = generate(
-            tasks, episodes, out, seed=config.seed, image_size=config.image_size,
-            workers=config.workers, progress=config.progress,
-        )  # fmt: skip
-        record[split] = {
-            "tasks": list(tasks),
-            "episodes": sum(item.written + item.already_present for item in summary.values()),
-            "failed_attempts": sum(item.failed_attempts for item in summary.values()),
-            "seconds": round(time.monotonic() - started, 1),
-        }
-    return record
+    if split == "seen":
+        return config.seen_tasks or MINIBENCH.seen
+    return config.unseen_tasks or MINIBENCH.unseen
 
 
-def make_shards(config: DemoConfig, paths: DemoPaths) -> dict[str, Any]:
-    """Stage 2: convert both demo sets to shards and verify them."""
+def _demo_settings(config: DemoConfig, split: str) -> dict[str, Any]:
+    episodes = config.seen_episodes if split == "seen" else config.unseen_episodes
+    return {
+        "tasks": list(_tasks(config, split)),
+        "episodes": episodes,
+        "image_size": config.image_size,
+        "seed": config.seed,
+    }
+
+
+def make_demos(config: DemoConfig, out: Path, split: str) -> dict[str, Any]:
+    """Stages seen_demos / unseen_demos: scripted minibench demos (resumes per episode)."""
+    from agnostos.envs.minibench.generate import generate
+
+    settings = _demo_settings(config, split)
+    tasks = settings["tasks"]
+    _log(f"generating {settings['episodes']} {split} demo(s) for each of {len(tasks)} tasks")
+    summary = generate(
+        tasks, settings["episodes"], out, seed=config.seed, image_size=config.image_size,
+        workers=config.workers, progress=config.progress,
+    )  # fmt: skip
+    return {
+        "tasks": tasks,
+        "episodes": sum(item.written + item.already_present for item in summary.values()),
+        "failed_attempts": sum(item.failed_attempts for item in summary.values()),
+    }
+
+
+def make_shards(src: Path, out: Path, split: str) -> dict[str, Any]:
+    """Stages seen_shards / unseen_shards: convert one demo set to shards and verify them."""
     from agnostos.shards.convert import ConvertOptions, convert
     from agnostos.shards.verify import verify
 
-    record: dict[str, Any] = {}
-    for split, src, out in (
-        ("seen", paths.seen_demos, paths.seen_shards),
-        ("unseen", paths.unseen_demos, paths.unseen_shards),
-    ):
-        started = time.monotonic()
-        result = convert(src, out, ConvertOptions(shard_size=200_000_000), show_progress=False)
-        report = verify(out)
-        if not report.ok:
-            raise RuntimeError(f"{out}: shard verification failed: {report.faults[0]}")
-        record[split] = {
-            "episodes": len(result.manifest.episodes),
-            "shards": len(result.manifest.shards),
-            "seconds": round(time.monotonic() - started, 1),
-        }
-        _log(f"{split}: {record[split]['episodes']} episodes in {record[split]['shards']} shard(s)")
+    result = convert(src, out, ConvertOptions(shard_size=200_000_000), show_progress=False)
+    report = verify(out)
+    if not report.ok:
+        raise RuntimeError(f"{out}: shard verification failed: {report.faults[0]}")
+    record = {"episodes": len(result.manifest.episodes), "shards": len(result.manifest.shards)}
+    _log(f"{split}: {record['episodes']} episodes in {record['shards']} shard(s)")
     return record
 
 
@@ -243,6 +300,11 @@ class QueryResult:
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> QueryResult:
+        retrieved = tuple(RetrievedDemo(**item) for item in data["retrieved"])
+        return cls(**{**data, "retrieved": retrieved})
+
 
 def image_strip(images: Sequence[np.ndarray], size: int, gap: int = 4) -> np.ndarray:
     """HxWx3 uint8 images, each resized (nearest) to size x size, side by side on white."""
@@ -260,12 +322,37 @@ def save_png(path: Path, image: np.ndarray) -> None:
     atomic_write_bytes(path, encode_png(image))
 
 
-def format_summary(config: DemoConfig, results: Sequence[QueryResult], timings: dict) -> str:
-    """The plain-text report: per unseen task and demo, the top-K seen demos with scores."""
+def _used(records: Mapping[str, StageRecord]) -> dict[str, Any]:
+    """The settings the results were really made with, read from the stage records."""
+    retrieve = records["retrieve"].settings
+    return {
+        "ranker": retrieve["ranker"],
+        "top_k": retrieve["top_k"],
+        "seed": retrieve["seed"],
+        "sampling_steps": retrieve["sampling_steps"],
+        "training_steps": records["train"].result["steps"],
+        "seen_tasks": records["seen_demos"].settings["tasks"],
+        "seen_episodes": records["seen_demos"].settings["episodes"],
+        "unseen_tasks": records["unseen_demos"].settings["tasks"],
+        "unseen_episodes": records["unseen_demos"].settings["episodes"],
+    }
+
+
+def format_summary(records: Mapping[str, StageRecord]) -> str:
+    """The plain-text report: per unseen task and demo, the top-K seen demos with scores.
+
+    Everything in it comes from what the stages recorded, never from the current flags,
+    so it cannot claim a setting the results were not made with.
+    """
+    used = _used(records)
+    results = [QueryResult.from_json(item) for item in records["retrieve"].result["retrievals"]]
     lines = [
         "agnostos demo: cross-task demo retrieval on minibench",
-        f"ranker: {config.ranker}, top-{config.top_k}, seed {config.seed}, "
-        f"{config.train_steps} training steps, {config.sampling_steps} sampling steps",
+        f"ranker: {used['ranker']}, top-{used['top_k']}, seed {used['seed']}, "
+        f"{used['training_steps']} training steps, {used['sampling_steps']} sampling steps",
+        f"bank: {used['seen_episodes']} demo(s) of each of {len(used['seen_tasks'])} seen "
+        f"tasks; queries: {used['unseen_episodes']} demo(s) of each of "
+        f"{len(used['unseen_tasks'])} unseen tasks",
         "images: query frame 0 | predicted future | true last frame | top-1 demo frame 0 "
         "| top-1 demo last frame",
         "",
@@ -286,16 +373,19 @@ def format_summary(config: DemoConfig, results: Sequence[QueryResult], timings: 
         picked = ", ".join(f"{name} x{count}" for name, count in counts.most_common())
         lines.append(f"  {task:<24} {picked}")
     lines.append("")
-    lines.append("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    ran = [f"{name} {record.seconds:.1f}" for name, record in records.items() if record.ran]
+    reused = [name for name, record in records.items() if not record.ran]
+    lines.append("stage seconds (this run): " + (", ".join(ran) or "none"))
+    if reused:
+        lines.append("re-used from an earlier run with the same settings: " + ", ".join(reused))
     return "\n".join(lines) + "\n"
 
 
-def log_to_wandb(
-    config: DemoConfig, paths: DemoPaths, results: Sequence[QueryResult], timings: dict
-) -> str | None:
+def log_to_wandb(paths: DemoPaths, records: Mapping[str, StageRecord]) -> str | None:
     """One offline W&B run with the retrieval table (images included); returns its folder."""
     import wandb
 
+    results = [QueryResult.from_json(item) for item in records["retrieve"].result["retrievals"]]
     run = wandb.init(
         project="agnostos-demo",
         name="retrieval",
@@ -303,7 +393,7 @@ def log_to_wandb(
         job_type="retrieval",
         dir=str(paths.root),
         mode="offline",
-        config=asdict(config),
+        config={name: record.settings for name, record in records.items()},
     )
     try:
         table = wandb.Table(
@@ -318,14 +408,14 @@ def log_to_wandb(
                     item.demo_id, item.task, item.score, image,
                 )  # fmt: skip
         run.log({"retrieval": table})
-        run.summary.update({f"seconds/{key}": value for key, value in timings.items()})
+        run.summary.update({f"seconds/{name}": rec.seconds for name, rec in records.items()})
         return str(run.dir)
     finally:
         run.finish()
 
 
 def make_tiny_base(config: DemoConfig, paths: DemoPaths) -> dict[str, Any]:
-    """Stage 3: the tiny SD-shaped base, its autoencoder fitted to the seen front frames.
+    """Stage base: the tiny SD-shaped base, its autoencoder fitted to the seen front frames.
 
     A real base (SD2) brings a pretrained VAE; the tiny one is random, so without this its
     predicted futures would decode to noise. Built in a scratch folder and renamed, so a
@@ -365,7 +455,11 @@ def _latest_export(train_dir: Path) -> Path | None:
 
 
 def train_dynamics(config: DemoConfig, paths: DemoPaths) -> dict[str, Any]:
-    """Stage 3: `agnostos fit` with the tiny config on the seen shards (resumes from last.ckpt)."""
+    """Stage train: `agnostos fit` with the tiny config on the seen shards.
+
+    A run killed with the same settings resumes from its `last.ckpt`; with other settings
+    the stage runner has already discarded the old training folder.
+    """
     from agnostos.trainers.cli import run_fit
 
     argv = [
@@ -395,7 +489,8 @@ def train_dynamics(config: DemoConfig, paths: DemoPaths) -> dict[str, Any]:
     export = _latest_export(paths.train)
     if export is None:
         raise RuntimeError(f"{paths.train / 'export'}: training finished without an export")
-    return {"export": str(export), "base": str(paths.base)}
+    steps = int(export.name.split("-")[-1])
+    return {"export": str(export), "base": str(paths.base), "steps": steps}
 
 
 def _sampling(config: DemoConfig):
@@ -404,18 +499,14 @@ def _sampling(config: DemoConfig):
     return SamplingConfig(num_inference_steps=config.sampling_steps)
 
 
-def _model_resolution(model) -> int:
-    return int(model.unet.config.sample_size) * model.vae_scale_factor
-
-
 def build_demo_bank(config: DemoConfig, paths: DemoPaths, trained: dict[str, Any]) -> dict:
-    """Stage 4: the bank of seen demos, with demo text and predicted-future images."""
-    from agnostos.evaluation.bank import BankBuildConfig, build_bank, load_model
+    """Stage bank: the bank of seen demos, with demo text and predicted-future images."""
+    from agnostos.evaluation.bank import BankBuildConfig, build_bank, load_model, model_resolution
 
     model, identity = load_model(trained["export"], base=trained["base"])
     build = BankBuildConfig(
         shards=str(paths.seen_shards), seed=config.seed, sampling=_sampling(config),
-        resolution=_model_resolution(model), suite="minibench", demo_text="required",
+        resolution=model_resolution(model), suite="minibench", demo_text="required",
         save_images=True,
     )  # fmt: skip
     _log(f"building the demo bank from {paths.seen_shards} with {trained['export']}")
@@ -429,13 +520,13 @@ def _first_and_last(episode) -> list[np.ndarray]:
     return [episode.rgb("front", 0), episode.rgb("front", episode.num_frames - 1)]
 
 
-def retrieve(config: DemoConfig, paths: DemoPaths, trained: dict[str, Any]) -> list[QueryResult]:
-    """Stage 6: rank the bank for every unseen demo and save its image strip.
+def retrieve(config: DemoConfig, paths: DemoPaths, trained: Mapping[str, Any]) -> dict:
+    """Stage retrieve: rank the bank for every unseen demo and save its image strip.
 
     Two streaming passes keep memory flat: the unseen demos (features, ranking, their own
     frames), then the seen shards for just the frames of each query's best demo.
     """
-    from agnostos.evaluation.bank import DemoBank, extract_features, load_model
+    from agnostos.evaluation.bank import DemoBank, extract_features, load_model, model_resolution
     from agnostos.evaluation.rankers import RankingQuery, make_ranker
     from agnostos.images import prepare_rgb
     from agnostos.models.dynamics_diffusion import derive_seed
@@ -444,7 +535,7 @@ def retrieve(config: DemoConfig, paths: DemoPaths, trained: dict[str, Any]) -> l
     from agnostos.tasks import MINIBENCH
 
     model, _ = load_model(trained["export"], base=trained["base"])
-    resolution = _model_resolution(model)
+    resolution = model_resolution(model)
     bank = DemoBank.load(paths.bank)
     ranking_bank = bank.to_ranking_bank()
     ranker = make_ranker(config.ranker)
@@ -464,7 +555,7 @@ def retrieve(config: DemoConfig, paths: DemoPaths, trained: dict[str, Any]) -> l
         ranking = ranker.rank(ranking_bank, query, min(config.top_k, len(ranking_bank)))
         first, last = _first_and_last(episode)
         strips.append((ranking.ids[0], [first, features.images[0].numpy(), last]))
-        image = Path("retrievals") / f"{episode.task}_episode{episode.episode}.png"
+        image = Path(paths.retrievals.name) / f"{episode.task}_episode{episode.episode}.png"
         retrieved = tuple(
             RetrievedDemo(demo_id, bank.record(demo_id).task, float(score))
             for demo_id, score in ranking.pairs()
@@ -484,44 +575,80 @@ def retrieve(config: DemoConfig, paths: DemoPaths, trained: dict[str, Any]) -> l
         save_png(
             paths.root / result.image, image_strip([*tiles, *best_frames[best]], config.image_size)
         )
-    return results
+    return {"retrievals": [result.as_json() for result in results]}
+
+
+def demo_stages(config: DemoConfig, paths: DemoPaths) -> list[Stage]:
+    """The demo's stages in order, each with the settings its output depends on.
+
+    Worker counts, progress bars and W&B logging change how a stage runs, not what it
+    makes, so they are not part of any fingerprint.
+    """
+    from agnostos.models.tiny import TinySpec
+
+    sampling = {"seed": config.seed, "sampling_steps": config.sampling_steps}
+
+    def trained(records: Mapping[str, StageRecord]) -> dict[str, Any]:
+        return records["train"].result
+
+    return [
+        Stage("seen_demos", _demo_settings(config, "seen"), (), (paths.seen_demos,),
+              lambda records: make_demos(config, paths.seen_demos, "seen")),
+        Stage("unseen_demos", _demo_settings(config, "unseen"), (), (paths.unseen_demos,),
+              lambda records: make_demos(config, paths.unseen_demos, "unseen")),
+        Stage("seen_shards", {}, ("seen_demos",), (paths.seen_shards,),
+              lambda records: make_shards(paths.seen_demos, paths.seen_shards, "seen")),
+        Stage("unseen_shards", {}, ("unseen_demos",), (paths.unseen_shards,),
+              lambda records: make_shards(paths.unseen_demos, paths.unseen_shards, "unseen")),
+        Stage("base", {"spec": asdict(TinySpec(seed=config.seed)), "vae_steps": config.vae_steps},
+              ("seen_shards",), (paths.base,),
+              lambda records: make_tiny_base(config, paths)),
+        Stage("train",
+              {"config": _file_sha256(DYNAMICS_CONFIG), "train_steps": config.train_steps,
+               "batch_size": config.batch_size, "learning_rate": config.learning_rate,
+               "seed": config.seed},
+              ("seen_shards", "base"), (paths.train,),
+              lambda records: train_dynamics(config, paths)),
+        Stage("bank", sampling, ("seen_shards", "train"), (paths.bank,),
+              lambda records: build_demo_bank(config, paths, trained(records))),
+        Stage("retrieve",
+              {**sampling, "ranker": config.ranker, "top_k": config.top_k,
+               "image_size": config.image_size},
+              ("unseen_shards", "seen_shards", "train", "bank"), (paths.retrievals,),
+              lambda records: retrieve(config, paths, trained(records))),
+    ]  # fmt: skip
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def run_demo(config: DemoConfig) -> Path:
-    """Run (or resume) every stage; returns the path of the text summary."""
+    """Run (or resume) every stage; returns the path of the text summary.
+
+    A stage whose settings (or whose inputs) changed since it last finished runs again,
+    and so does every stage after it that reads it; the rest are re-used.
+    """
     paths = DemoPaths(Path(config.out))
     paths.root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    timings: dict[str, float] = {}
-    records: dict[str, Any] = {}
-    for name, stage in (
-        ("demos", lambda: make_demos(config, paths)),
-        ("shards", lambda: make_shards(config, paths)),
-        ("base", lambda: make_tiny_base(config, paths)),
-        ("train", lambda: train_dynamics(config, paths)),
-        ("bank", lambda: build_demo_bank(config, paths, records["train"])),
-    ):
-        started = time.monotonic()
-        done = _stage_done(paths, name)
-        if done is not None:
-            _log(f"stage {name}: already done ({paths.stages / (name + '.json')})")
-            records[name] = done
-            continue
-        records[name] = _finish_stage(paths, name, stage())
-        timings[name] = time.monotonic() - started
-    started = time.monotonic()
-    results = retrieve(config, paths, records["train"])
-    timings["retrieve"] = time.monotonic() - started
-    summary = format_summary(config, results, timings)
+    runner = StageRunner(paths.stages, log=_log)
+    for stage in demo_stages(config, paths):
+        runner.run(stage)
+    records = runner.records
+    summary = format_summary(records)
     atomic_write_bytes(paths.root / "summary.txt", summary.encode())
     atomic_write_json(
         paths.root / "summary.json",
-        {"config": asdict(config), "stages": records, "seconds": timings,
-         "retrievals": [result.as_json() for result in results]},
-    )  # fmt: skip
+        {
+            "used": _used(records),
+            "stages": {name: {**rec.as_json(), "ran": rec.ran} for name, rec in records.items()},
+            "retrievals": records["retrieve"].result["retrievals"],
+        },
+    )
     if config.wandb:
-        records["wandb"] = log_to_wandb(config, paths, results, timings)
+        log_to_wandb(paths, records)
     sys.stdout.write(summary)
     _log(f"summary: {paths.root / 'summary.txt'}")
     return paths.root / "summary.txt"

@@ -17,6 +17,8 @@ pytestmark = pytest.mark.timeout(600)
 
 SEEN = ("push_button", "open_drawer")
 UNSEEN = ("close_drawer",)
+STAGES = ("seen_demos", "unseen_demos", "seen_shards", "unseen_shards", "base", "train",
+          "bank", "retrieve")  # fmt: skip
 SMALL = [
     "--seen-tasks", ",".join(SEEN), "--unseen-tasks", ",".join(UNSEEN),
     "--seen-episodes", "2", "--unseen-episodes", "1", "--vae-steps", "2",
@@ -67,10 +69,11 @@ def test_demo_saves_the_prediction_strip(demo_run: Path) -> None:
 
 
 def test_demo_stages_leave_their_artefacts(demo_run: Path) -> None:
-    stages = {path.stem for path in (demo_run / "stages").glob("*.json")}
-    assert stages == {"demos", "shards", "base", "train", "bank"}
-    train = json.loads((demo_run / "stages" / "train.json").read_text())
+    stages = {path.name for path in (demo_run / "stages").iterdir()}
+    assert stages == {f"{name}.json" for name in STAGES}  # no stage left half-done
+    train = json.loads((demo_run / "stages" / "train.json").read_text())["result"]
     assert Path(train["export"]).name == "checkpoint-3"
+    assert train["steps"] == 3
     assert (Path(train["export"]) / "unet" / "config.json").is_file()
     bank = json.loads((demo_run / "bank" / "bank.json").read_text())
     assert len(bank["demos"]) == 4
@@ -85,12 +88,12 @@ def test_demo_rerun_skips_finished_stages_and_gives_the_same_retrieval(
     demo_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     before = json.loads((demo_run / "summary.json").read_text())["retrievals"]
-    export = json.loads((demo_run / "stages" / "train.json").read_text())["export"]
+    export = json.loads((demo_run / "stages" / "train.json").read_text())["result"]["export"]
     mtime = (Path(export) / "unet" / "config.json").stat().st_mtime_ns
-    status = main(["demo", "--out", str(demo_run), *SMALL, "--no-wandb"])
-    assert status == 0
+    status = main(["demo", "--out", str(demo_run), *SMALL, "--no-wandb", "--workers", "2"])
+    assert status == 0  # worker counts and W&B change how stages run, not what they make
     log = capsys.readouterr().out
-    for stage in ("demos", "shards", "base", "train", "bank"):
+    for stage in STAGES:
         assert f"stage {stage}: already done" in log
     assert (Path(export) / "unet" / "config.json").stat().st_mtime_ns == mtime
     after = json.loads((demo_run / "summary.json").read_text())["retrievals"]
@@ -107,3 +110,49 @@ def test_demo_config_errors_name_the_setting(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="top_k"):
         DemoConfig(top_k=0)
     assert main(["demo", "--config", str(bad)]) == 2
+
+
+def _flag(args: list[str], flag: str, value: str) -> list[str]:
+    args = list(args)
+    args[args.index(flag) + 1] = value
+    return args
+
+
+def test_demo_rerun_with_changed_settings_reruns_exactly_the_affected_stages(
+    demo_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's `--train-steps 50 --top-k 3` after a full run: training, the bank and
+    the retrieval run again, the demos, shards and base are re-used, and the summary says
+    what the results were made with. (Runs last: it changes the module's demo folder.)"""
+    changed = _flag(_flag(SMALL, "--train-steps", "2"), "--top-k", "2")
+    assert main(["demo", "--out", str(demo_run), *changed, "--no-wandb"]) == 0
+    log = capsys.readouterr().out
+    for stage in ("seen_demos", "unseen_demos", "seen_shards", "unseen_shards", "base"):
+        assert f"stage {stage}: already done" in log
+    assert "stage train: re-running (train_steps 3 -> 2)" in log
+    assert "stage bank: re-running (input train changed)" in log
+    assert "stage retrieve: re-running (top_k 3 -> 2; input train changed" in log
+    summary = json.loads((demo_run / "summary.json").read_text())
+    assert summary["used"]["training_steps"] == 2 and summary["used"]["top_k"] == 2
+    (query,) = summary["retrievals"]
+    assert len(query["retrieved"]) == 2
+    exports = sorted(path.name for path in (demo_run / "train" / "export").iterdir())
+    assert exports == ["checkpoint-2"]  # the 3-step run's outputs were discarded
+    text = (demo_run / "summary.txt").read_text()
+    assert "top-2" in text and "2 training steps" in text and "3 training steps" not in text
+    assert "re-used from an earlier run with the same settings: seen_demos" in text
+
+    # a query-side change leaves the whole seen side (bank, model) alone
+    fewer = _flag(changed, "--unseen-tasks", "close_box_lid")
+    assert main(["demo", "--out", str(demo_run), *fewer, "--no-wandb"]) == 0
+    log = capsys.readouterr().out
+    for stage in ("seen_demos", "seen_shards", "base", "train", "bank"):
+        assert f"stage {stage}: already done" in log
+    for stage in ("unseen_demos", "unseen_shards", "retrieve"):
+        assert f"stage {stage}: re-running" in log
+    summary = json.loads((demo_run / "summary.json").read_text())
+    assert [item["task"] for item in summary["retrievals"]] == ["close_box_lid"]
+    assert summary["used"]["unseen_tasks"] == ["close_box_lid"]
+    assert sorted(path.name for path in (demo_run / "retrievals").iterdir()) == [
+        "close_box_lid_episode0.png"
+    ]

@@ -6,8 +6,8 @@ original work. Nothing here is meant to be tuned; changing a string changes the 
 text the LLM sees and breaks parity with the published numbers.
 
 Source of facts: ``jiaming-zhou/X-ICM`` at commit ``0a8cd6cd``
-(``0a8cd6cd7f3d06a82f5710e45337b475880f0fa5``), as summarised in
-``docs/xicm_method.md`` sections 1.1, 1.2 and Appendix A:
+(``0a8cd6cd7f3d06a82f5710e45337b475880f0fa5``); file and line references are to that
+commit:
 
 * ``form_icl_demonstrations_crosstask_ranking.py`` L142-504: per-task object name maps
   (CoppeliaSim object name -> name used in the prompt), verbatim, typos included

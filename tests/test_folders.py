@@ -133,3 +133,21 @@ def test_ragged_task_state_is_kept_with_offsets(tmp_path):
         episode.low_dim.frame_value("task_low_dim_state", 1), [1, 2, 3, 4]
     )
     np.testing.assert_array_equal(episode.low_dim.frame_value("task_low_dim_state", 2), [2, 3, 4])
+
+
+def test_read_episode_takes_the_folder_path_the_readme_passes(sample_root):
+    location = discover_episodes(sample_root)[0]
+    by_path = read_episode(str(location.path))
+    by_location = read_episode(location)
+    assert (by_path.task, by_path.variation, by_path.episode) == (
+        by_location.task,
+        by_location.variation,
+        by_location.episode,
+    )
+    assert by_path.instruction == by_location.instruction
+    assert (by_path.rgb("front", 0) == by_location.rgb("front", 0)).all()
+
+
+def test_read_episode_names_a_path_that_is_not_an_episode_folder(tmp_path):
+    with pytest.raises(EpisodeError, match=r"not an episode folder \(expected"):
+        read_episode(tmp_path / "open_drawer" / "all_variations" / "episode0")

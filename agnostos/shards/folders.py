@@ -68,6 +68,23 @@ class EpisodeLocation:
     def path(self) -> Path:
         return self.root / self.relative
 
+    @classmethod
+    def from_path(cls, path: str | Path) -> EpisodeLocation:
+        """The location of `<root>/<task>/<variation folder>/episodes/episode<N>`."""
+        path = Path(path)
+        match = _EPISODE_DIR.match(path.name)
+        variation = path.parent.parent
+        if (
+            match is None
+            or path.parent.name != "episodes"
+            or not (variation.name == ALL_VARIATIONS or _VARIATION_DIR.match(variation.name))
+        ):
+            raise EpisodeError(
+                f"{path}: not an episode folder (expected "
+                f"<task>/{ALL_VARIATIONS}|variation<K>/episodes/episode<N>)"
+            )
+        return cls(variation.parent.parent, variation.parent.name, variation.name, int(match[1]))
+
 
 def _variation_order(name: str) -> tuple[int, int]:
     if name == ALL_VARIATIONS:
@@ -169,12 +186,18 @@ def check_frame_folders(
 
 
 def read_episode(
-    location: EpisodeLocation,
+    location: EpisodeLocation | str | Path,
     cameras: Sequence[str] = CAMERAS,
     modalities: Sequence[str] = MODALITIES,
     check_frames: bool = True,
 ) -> Episode:
-    """Read one episode folder: pickles eagerly, PNG frames lazily."""
+    """Read one episode folder: pickles eagerly, PNG frames lazily.
+
+    `location` is an `EpisodeLocation` (from `discover_episodes`) or the episode folder's
+    path, `<root>/<task>/all_variations/episodes/episode<N>`.
+    """
+    if not isinstance(location, EpisodeLocation):
+        location = EpisodeLocation.from_path(location)
     episode_dir = location.path
     if not episode_dir.is_dir():
         raise EpisodeError(f"{episode_dir}: episode folder does not exist")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mujoco
 import numpy as np
 import pytest
@@ -243,3 +245,14 @@ def test_sim_tasks_and_render(tmp_path, capsys):
     assert cli(["sim", "render", "open_drawer", "--variation", "2", "--out", str(out)]) == 0
     grid = decode_png(out.read_bytes())
     assert grid.shape == (128 + 14, 5 * 128, 3)
+
+
+def test_the_per_process_scene_folder_is_removed_at_exit() -> None:
+    import subprocess
+    import sys
+
+    code = "from agnostos.envs.minibench.scene import _scratch_dir; print(_scratch_dir())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    folder = Path(out.stdout.strip())
+    assert folder.name.startswith("agnostos-minibench-")
+    assert not folder.exists()

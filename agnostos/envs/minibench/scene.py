@@ -11,9 +11,11 @@ actuators hold a pose without sagging.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib.util
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,8 +140,10 @@ class SceneModel:
 
 @functools.cache
 def _scratch_dir() -> Path:
-    """A per-process folder with the `franka_assets` symlink the XML includes need."""
+    """A per-process folder with the `franka_assets` symlink the XML includes need
+    (removed when the process exits)."""
     folder = Path(tempfile.mkdtemp(prefix="agnostos-minibench-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     os.symlink(franka_assets_dir(), folder / "franka_assets")
     return folder
 

@@ -529,7 +529,7 @@ def retrieve(config: DemoConfig, paths: DemoPaths, trained: Mapping[str, Any]) -
     from agnostos.evaluation.bank import DemoBank, extract_features, load_model, model_resolution
     from agnostos.evaluation.rankers import RankingQuery, make_ranker
     from agnostos.images import prepare_rgb
-    from agnostos.models.dynamics_diffusion import derive_seed
+    from agnostos.seeding import derive_seed
     from agnostos.shards.convert import shard_urls
     from agnostos.shards.reading import iter_episodes
     from agnostos.tasks import MINIBENCH

@@ -35,8 +35,9 @@ from agnostos.evaluation.bank import (
 from agnostos.evaluation.bank_cli import add_bank_commands
 from agnostos.evaluation.observation_text import episode_demo_text
 from agnostos.evaluation.rankers import LangVisOutRanker, RankingBank, RankingQuery
-from agnostos.models.dynamics_diffusion import SamplingConfig, derive_seed
+from agnostos.models.dynamics_diffusion import SamplingConfig
 from agnostos.models.tiny import build_tiny_base
+from agnostos.seeding import derive_seed
 from agnostos.shards.codecs import decode_png
 from agnostos.shards.convert import ConvertOptions, convert, shard_urls
 from agnostos.shards.reading import iter_episodes

@@ -13,11 +13,11 @@ from agnostos.models.dynamics_diffusion import (
     DynamicsDiffusion,
     SamplingConfig,
     conditioning_dropout_masks,
-    derive_seed,
     expand_conv_in,
     resolve_unet_dir,
 )
 from agnostos.models.tiny import TinySpec, build_tiny_base
+from agnostos.seeding import derive_seed
 from agnostos.shards.folders import discover_episodes, read_episode
 
 FAST = SamplingConfig(num_inference_steps=4)

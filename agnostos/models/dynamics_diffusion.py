@@ -31,7 +31,6 @@ directory, a base plus an exported checkpoint, or an exported pipeline directory
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -52,7 +51,6 @@ __all__ = [
     "Prediction",
     "SamplingConfig",
     "conditioning_dropout_masks",
-    "derive_seed",
     "expand_conv_in",
     "resolve_unet_dir",
 ]
@@ -105,17 +103,6 @@ class Prediction:
     prompt_bos: torch.Tensor
     prompt_pooled: torch.Tensor
     images: torch.Tensor | None = None
-
-
-def derive_seed(*parts: object) -> int:
-    """A stable 63-bit seed from identifying parts, e.g. `derive_seed(task, episode, seed)`.
-
-    Why: per-item seeds make feature extraction independent of batch composition and
-    call order. Python's `hash()` is salted per process, so SHA-256 is used instead.
-    """
-    text = "\x1f".join(str(part) for part in parts)
-    digest = hashlib.sha256(text.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def expand_conv_in(unet: nn.Module, in_channels: int = 8) -> nn.Module:

@@ -49,10 +49,10 @@ from agnostos.images import image_grid
 from agnostos.models.dynamics_diffusion import (
     DynamicsDiffusion,
     SamplingConfig,
-    derive_seed,
     resolve_unet_dir,
 )
 from agnostos.models.tiny import TinySpec, build_tiny_base
+from agnostos.seeding import derive_seed
 from agnostos.shards.codecs import encode_png
 from agnostos.trainers.ema import ExponentialMovingAverage
 

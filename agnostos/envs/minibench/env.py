@@ -39,7 +39,7 @@ from agnostos.envs.protocol import (
     StepResult,
     check_action,
 )
-from agnostos.shards.episode import CAMERAS
+from agnostos.shards.episode import CAMERAS, Episode
 
 # X-ICM's scene bounds (the action code voxelises over them); targets must lie inside.
 WORKSPACE_LOW = np.array([-0.3, -0.5, 0.6])
@@ -140,6 +140,12 @@ class MiniBenchEnv:
         rng = np.random.RandomState(episode_seed(task, variation, episode, seed, attempt))
         return self.reset_to_state(task, variation, rng.get_state())
 
+    def reset_to_episode(self, episode: Episode) -> Observation:
+        """The scene of a stored episode (a test-set episode written by `sim generate`)."""
+        if episode.random_state is None:
+            raise ValueError(f"{episode.key}: the stored episode has no random state")
+        return self.reset_to_state(episode.task, episode.variation, episode.random_state.as_tuple())
+
     def reset_to_state(self, task: str, variation: int, random_state: tuple) -> Observation:
         """Rebuild a scene from a stored RandomState tuple (RLBench's `reset_to_demo`)."""
         loaded = self._load(task)
@@ -185,7 +191,7 @@ class MiniBenchEnv:
                 success = self._actuate_gripper(values[7] > 0.5)
         except InvalidActionError as err:
             self._terminal = True
-            return StepResult(self.observe(), False, True, f"invalid action: {err}")
+            return StepResult(self.observe(), False, True, f"InvalidActionError: {err}")
         self._terminal = success
         return StepResult(self.observe(), success, success)
 
@@ -216,7 +222,8 @@ class MiniBenchEnv:
             raise InvalidActionError(f"target z {position[2]:.3f} is inside the table")
 
     def _move(self, position: np.ndarray, quat: np.ndarray, ignore_collisions: float) -> bool:
-        """Straight-line tip motion to the pose; returns True if the task succeeded on the way."""
+        """Straight-line tip motion to the pose, run to its end; True if the task succeeded
+        at any moment on the way."""
         loaded = self._require()
         scene, data = loaded.scene, loaded.data
         goal = loaded.ik.solve(data.qpos.copy(), position, quat)
@@ -239,6 +246,7 @@ class MiniBenchEnv:
         )
         seed = data.qpos.copy()
         previous = data.ctrl[:7].copy()
+        succeeded = False
         for index in range(1, steps + 1):
             fraction = _trapezoid(index / steps, 1.0 / steps)
             waypoint = start[:3] + fraction * (position - start[:3])
@@ -246,22 +254,21 @@ class MiniBenchEnv:
             solution = loaded.ik.solve(seed, waypoint, orientation)
             target = solution.joints if index < steps else goal.joints
             seed[scene.arm_qpos] = target
-            if self._simulate(target, CONTROL_DT, previous):
-                return True
+            succeeded |= self._simulate(target, CONTROL_DT, previous)
             previous = target
             self._record_frame()
-        return self._settle(goal.joints)
+        return self._settle(goal.joints) or succeeded
 
     def _settle(self, joints: np.ndarray) -> bool:
         loaded = self._require()
         data, scene = loaded.data, loaded.scene
+        succeeded = False
         for _ in range(MAX_SETTLE_STEPS // 10):
-            if self._simulate(joints, 10 * scene.model.opt.timestep):
-                return True
+            succeeded |= self._simulate(joints, 10 * scene.model.opt.timestep)
             if np.all(np.abs(data.qvel[scene.arm_dof]) < SETTLE_SPEED):
                 break
         self._record_frame()
-        return False
+        return succeeded
 
     def _actuate_gripper(self, open_: bool) -> bool:
         if float(open_) == self._gripper_open:
@@ -277,21 +284,25 @@ class MiniBenchEnv:
         self, joints: np.ndarray, duration: float, start: np.ndarray | None = None
     ) -> bool:
         """Drive the arm targets to `joints` over `duration` seconds (linearly from `start`,
-        else at once) and hold; True as soon as the task succeeds."""
+        else at once) and hold; True if the task succeeded at any moment of it.
+
+        Success is latched, not a reason to stop: every action runs to its end, so a
+        recorded demo's keyframe is the pose its waypoint reached (not the first pose at
+        which a success test happened to pass, which a replay could land just short of),
+        and a stored demo replayed from its keyframes succeeds again."""
         loaded = self._require()
         model, data = loaded.scene.model, loaded.data
         data.ctrl[7:9] = FINGER_OPEN * self._gripper_open
         count = round(duration / model.opt.timestep)
+        succeeded = False
         for index in range(1, count + 1):
             if start is None:
                 data.ctrl[:7] = joints
             else:
                 data.ctrl[:7] = start + (index / count) * (joints - start)
             mujoco.mj_step(model, data)
-            if loaded.task.success(loaded.scene, data, self.layout):
-                self._record_frame()
-                return True
-        return False
+            succeeded = succeeded or loaded.task.success(loaded.scene, data, self.layout)
+        return succeeded
 
     def _record_frame(self) -> None:
         """Observe (render) only while a demo is being recorded."""

@@ -6,6 +6,7 @@ Subcommands:
   agnostos shards info OUT          tasks, episodes, frames, bytes, cameras
   agnostos sim generate|render|tasks  minibench: scripted demos, scene views, task list
   agnostos fit --config YAML ...    train the dynamics diffusion model (LightningCLI)
+  agnostos eval --config YAML ...   evaluate an agent on stored test episodes; eval scores RUN
   agnostos bank build|info|import-pkl|export-pkl   the X-ICM demo bank
   agnostos demo [--config YAML]     the main job on minibench (see `agnostos.demo`)
 
@@ -408,6 +409,7 @@ def _add_fit_commands(subparsers: argparse._SubParsersAction) -> None:
     for name, text in (
         ("fit", "train the dynamics diffusion model (LightningCLI: --config, --trainer.*, ...)"),
         ("validate", "validate a dynamics diffusion checkpoint (LightningCLI)"),
+        ("eval", "evaluate an agent on stored test episodes; `eval scores RUN` prints scores"),
     ):
         subparsers.add_parser(name, help=text, add_help=False)
 
@@ -435,6 +437,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from agnostos.trainers.cli import run_fit
 
         return run_fit(argv)
+    if argv and argv[0] == "eval":
+        from agnostos.evaluation.cli import run_eval
+
+        return run_eval(argv[1:])
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:

@@ -3,16 +3,19 @@
 Actions are RLBench's 9-dim keyframe actions `[x, y, z, qx, qy, qz, qw, gripper_open,
 ignore_collisions]` in the world frame. A step moves the gripper to that pose and then sets
 the gripper; an action that cannot be reached ends the episode as a failure (RLBench's
-InvalidActionError), reported in `StepResult.error` rather than raised, so an evaluation
-loop never crashes on a bad model output.
+InvalidActionError), reported in `StepResult.error` as `"<ErrorType>: <message>"` rather
+than raised, so an evaluation loop never crashes on a bad model output.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from agnostos.shards.episode import Episode
 
 ACTION_SIZE = 9
 
@@ -65,11 +68,25 @@ class StepResult:
 
 
 class Environment(Protocol):
+    """A simulator the evaluator drives, one per worker process.
+
+    `reset_to_episode` restores the scene of a stored test episode (AGNOSTOS evaluates on
+    stored episodes: RLBench's `reset_to_demo`, minibench's `reset_to_state`) from the
+    episode's task, variation and stored random state; it raises `SimulatorError` when the
+    simulator itself fails, which the evaluator answers by retrying in a fresh worker.
+    """
+
     def reset(self, task: str, variation: int, episode: int) -> Observation: ...
+
+    def reset_to_episode(self, episode: Episode) -> Observation: ...
 
     def step(self, action: np.ndarray) -> StepResult: ...
 
     def close(self) -> None: ...
+
+
+class SimulatorError(RuntimeError):
+    """The simulator failed (not the agent or its action): retried in a fresh process."""
 
 
 def check_action(action: np.ndarray) -> np.ndarray:

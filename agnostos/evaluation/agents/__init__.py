@@ -1,0 +1,31 @@
+"""Agents the evaluator runs: the protocol (`base.py`), the reference agents replay and
+noop (`baselines.py`) and your own policy by import path (`custom.py`).
+
+In an evaluation config an agent is a class path with its arguments
+(`agent: {class_path: agnostos.evaluation.agents.CustomAgent, init_args: {...}}`); the
+shipped ones also go by their short names (`--agent replay`, `--agent noop`).
+"""
+
+from agnostos.evaluation.agents.base import Agent, AgentError, EpisodeContext, QueuedAgent
+from agnostos.evaluation.agents.baselines import NoopAgent, ReplayAgent
+from agnostos.evaluation.agents.custom import CustomAgent, chunk_to_actions, load_class
+
+# short names for `--agent NAME` and `agent: NAME`
+AGENTS: dict[str, type[Agent]] = {
+    "replay": ReplayAgent,
+    "noop": NoopAgent,
+    "custom": CustomAgent,
+}
+
+__all__ = [
+    "AGENTS",
+    "Agent",
+    "AgentError",
+    "CustomAgent",
+    "EpisodeContext",
+    "NoopAgent",
+    "QueuedAgent",
+    "ReplayAgent",
+    "chunk_to_actions",
+    "load_class",
+]

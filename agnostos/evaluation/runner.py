@@ -80,8 +80,9 @@ class RunnerConfig:
             simulator failed, before it is recorded as an error.
         threads: CPU threads per worker (OMP/MKL/OpenBLAS).
         batch_wait: once one environment waits for an action, seconds to wait for the
-            others still stepping, so they share one agent call. Without it, environments
-            fall into lockstep one behind the other and a model call serves one at a time;
+            others still stepping or resetting, so they share one agent call. Without it,
+            environments fall into lockstep one behind the other and a model call serves
+            one at a time;
             an agent whose call costs the same for any batch (an LLM, a VLA) wants this
             about as long as a step takes. 0 acts on whoever is ready at once.
     """
@@ -307,8 +308,8 @@ class Runner:
     def _collect(self, workers: list[_Worker], pending: deque, context: Any) -> None:
         """Wait for the answers that are due; handle crashes and missed deadlines.
 
-        After the first answer, the environments still stepping get up to `batch_wait`
-        seconds to answer too, so that the agent serves them in one call.
+        After the first answer, the other busy environments get up to `batch_wait` seconds
+        to answer too, so that the agent serves them in one call.
         """
         busy = [worker for worker in workers if worker.state in ("resetting", "stepping")]
         if not busy:
@@ -317,11 +318,11 @@ class Runner:
         ready = set(wait([worker.conn for worker in busy], timeout=timeout))
         gather_until = time.monotonic() + self.config.batch_wait
         while ready and self.config.batch_wait > 0:
-            stepping = [w.conn for w in busy if w.state == "stepping" and w.conn not in ready]
+            others = [w.conn for w in busy if w.conn not in ready]
             left = gather_until - time.monotonic()
-            if not stepping or left <= 0:
+            if not others or left <= 0:
                 break
-            ready.update(wait(stepping, timeout=left))
+            ready.update(wait(others, timeout=left))
         now = time.monotonic()
         for worker in busy:
             if worker.conn in ready:

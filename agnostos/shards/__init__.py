@@ -11,7 +11,18 @@ The pieces, in data-flow order:
 from agnostos.shards.episode import CAMERAS, MODALITIES, Episode
 from agnostos.shards.folders import EpisodeError, discover_episodes, read_episode
 from agnostos.shards.keyframes import discover_keyframes
-from agnostos.shards.reading import iter_episodes
+
+
+def __getattr__(name: str):
+    """`iter_episodes` is loaded on first use: the shard reader imports webdataset, and with
+    it torch (1.5 s), which the folder reader, the simulator and its worker processes do
+    not need."""
+    if name == "iter_episodes":
+        from agnostos.shards.reading import iter_episodes
+
+        return iter_episodes
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CAMERAS",

@@ -60,7 +60,7 @@ from agnostos.datamodules.dynamics import (
     ExpandDynamics,
     collate_dynamics,
 )
-from agnostos.datamodules.episodes import FolderEpisode
+from agnostos.shards.views import FolderEpisode
 from agnostos.datamodules.streams import StreamState
 from agnostos.datamodules.tar_stream import TarSamples
 from agnostos.shards.convert import ConvertOptions, convert

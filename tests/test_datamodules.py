@@ -40,7 +40,7 @@ from agnostos.datamodules import (
     split_episodes,
 )
 from agnostos.datamodules.catalogue import shard_catalogue
-from agnostos.datamodules.episodes import FolderEpisode, ShardEpisode, keyframe_actions
+from agnostos.shards.views import FolderEpisode, ShardEpisode, keyframe_actions
 from agnostos.datamodules.streams import ExportRank, SeededShuffle
 from agnostos.datamodules.tar_stream import FieldSelection, read_samples
 from agnostos.images import centre_crop_resize

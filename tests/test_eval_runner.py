@@ -67,7 +67,7 @@ def test_replay_succeeds_and_noop_fails_on_stored_test_episodes(test_data, tmp_p
 def test_a_batched_agent_gets_every_waiting_environment_and_real_seeds(test_data, tmp_path):
     from eval_faults import RecordingReplay
 
-    agent = RecordingReplay()
+    agent = RecordingReplay(seconds=0.3)  # a model call: the other worker steps meanwhile
     _run(_suite(test_data, seeds=[0, 7]), agent, tmp_path / "run")
     assert max(agent.batch_sizes) == 2  # both workers waited on one call
     assert agent.seeds["close_drawer/episode1/seed7"] == derive_seed("close_drawer", 1, 7)

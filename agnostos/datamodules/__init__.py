@@ -12,7 +12,7 @@ Pipelines, splitting and seeding: `streams.py`; the shard reader: `agnostos.shar
 from agnostos.datamodules.base import EpisodeDataModule
 from agnostos.datamodules.catalogue import CatalogueEntry, Split, split_episodes
 from agnostos.datamodules.dynamics import DynamicsBatch, DynamicsDataModule, dynamics_pairs
-from agnostos.datamodules.episodes import SampleDataError
+from agnostos.shards.views import SampleDataError
 from agnostos.datamodules.keyframes import (
     KeyframeBatch,
     KeyframeDataModule,

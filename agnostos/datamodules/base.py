@@ -23,7 +23,7 @@ from agnostos.datamodules.catalogue import (
     shard_catalogue,
     split_episodes,
 )
-from agnostos.datamodules.episodes import ReadFolderEpisodes, ToShardEpisodes
+from agnostos.shards.views import ReadFolderEpisodes, ToShardEpisodes
 from agnostos.datamodules.streams import (
     EpochLoader,
     EpochPipeline,

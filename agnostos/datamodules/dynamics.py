@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from agnostos.datamodules.base import EpisodeDataModule
-from agnostos.datamodules.episodes import EpisodeView, SampleDataError
+from agnostos.shards.views import EpisodeView, SampleDataError
 from agnostos.datamodules.streams import StreamState
 from agnostos.datamodules.tar_stream import FieldSelection
 from agnostos.images import prepare_rgb, to_unit_range

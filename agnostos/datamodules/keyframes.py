@@ -26,7 +26,7 @@ from agnostos.action_codecs import ActionCodec, ActionStats, TokenBinCodec, XICM
 from agnostos.datamodules.base import EpisodeDataModule
 from agnostos.datamodules.catalogue import CatalogueEntry, Split
 from agnostos.datamodules.dynamics import decode_frame
-from agnostos.datamodules.episodes import (
+from agnostos.shards.views import (
     EpisodeView,
     ReadFolderEpisodes,
     SampleDataError,

@@ -2,8 +2,9 @@
 
 Environment worker processes (`worker.py`) each hold one simulator; the agent lives in this
 process and is asked to act once for *all* environments waiting on it, so a model-backed
-agent makes one call per round instead of one per environment. The unit of work is an
-`EpisodeKey(task, episode, seed)`.
+agent makes one call per round instead of one per environment. Agent calls run on their own
+thread (`agent_thread.py`), so workers keep stepping and resetting while the agent thinks.
+The unit of work is an `EpisodeKey(task, episode, seed)`.
 
 What the runner guarantees:
 
@@ -34,7 +35,7 @@ import shutil
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ import numpy as np
 
 from agnostos.atomic import atomic_write_json
 from agnostos.envs.protocol import Observation, StepResult
+from agnostos.evaluation.agent_thread import AgentThread, Done
 from agnostos.evaluation.agents.base import Agent, EpisodeContext
 from agnostos.evaluation.callbacks import EpisodeInfo, EvalCallback, RunInfo
 from agnostos.evaluation.records import (
@@ -79,12 +81,10 @@ class RunnerConfig:
         retries: how often an episode is retried after its worker crashed, hung or its
             simulator failed, before it is recorded as an error.
         threads: CPU threads per worker (OMP/MKL/OpenBLAS).
-        batch_wait: once one environment waits for an action, seconds to wait for the
-            others still stepping or resetting, so they share one agent call. Without it,
-            environments fall into lockstep one behind the other and a model call serves
-            one at a time;
-            an agent whose call costs the same for any batch (an LLM, a VLA) wants this
-            about as long as a step takes. 0 acts on whoever is ready at once.
+        batch_wait: once one environment waits for an action and the agent is free,
+            at most this many seconds to wait for the others still stepping or resetting,
+            so they share one agent call; never longer than the last call took (an agent
+            that costs nothing never waits). 0 acts on whoever is ready at once.
     """
 
     workers: int = 2
@@ -181,8 +181,16 @@ class _Worker:
         child.close()
         self.conn: Connection = parent
         self.episode: _Episode | None = None
-        self.state = "idle"  # idle | resetting | stepping | acting
+        # idle | resetting | preparing (agent reset) | acting (waits for the agent) |
+        # thinking (in an agent call) | stepping
+        self.state = "idle"
         self.deadline = float("inf")
+        self.waiting_since = 0.0
+        self.last_task: str | None = None  # its simulator has this task's scene loaded
+
+    def wait_for_action(self) -> None:
+        self.state = "acting"
+        self.waiting_since = time.monotonic()
 
     def send(self, message: tuple, timeout: float) -> None:
         self.conn.send(message)
@@ -224,6 +232,7 @@ class Runner:
         self.overwrite = overwrite
         self.plan = plan_run(suite, agent, extra_settings)
         shard_keys((), self.shard, self.shards)  # validates the shard before any work
+        self._acting = False  # an act() call is submitted and not yet answered
 
     # -- the output folder ---------------------------------------------------------------------
 
@@ -272,6 +281,7 @@ class Runner:
         self._emit("on_run_start", run)
         try:
             if todo:
+                self.agent.open_run(self.out, (self.shard, self.shards))
                 self._run_keys(todo)
         finally:
             self.agent.close()
@@ -286,43 +296,81 @@ class Runner:
             _Worker(slot, context, self.suite, self.config)
             for slot in range(min(self.config.workers, len(todo)))
         ]
+        self._agent_thread = AgentThread()
+        self._last_call: float | None = None  # seconds the last act() took
         try:
-            while pending or any(worker.state != "idle" for worker in workers):
+            while pending or self._agent_thread.pending or any(w.state != "idle" for w in workers):
                 for worker in workers:
                     if worker.state == "idle" and pending:
-                        self._start(worker, *pending.popleft())
-                self._collect(workers, pending, context)
-                self._act([worker for worker in workers if worker.state == "acting"])
+                        self._start(worker, *_next_key(pending, worker.last_task))
+                gather_deadline = self._maybe_act(workers)
+                self._wait(workers, pending, context, gather_deadline)
         finally:
             for worker in workers:
                 worker.stop()
+            self._agent_thread.close()
 
     def _start(self, worker: _Worker, key: EpisodeKey, attempt: int) -> None:
         folder = episode_folder(self.suite.test_data, key.task, key.episode)
         stored = read_episode(folder, cameras=(), check_frames=False)
         worker.episode = _Episode(key, self.plan.tasks[key.task], stored, time.monotonic(), attempt)
+        worker.last_task = key.task
         seed = derive_seed(key.task, key.episode, key.seed)
         worker.send(("reset", str(folder), seed), self.config.reset_timeout)
         worker.state = "resetting"
 
-    def _collect(self, workers: list[_Worker], pending: deque, context: Any) -> None:
-        """Wait for the answers that are due; handle crashes and missed deadlines.
+    # -- batching ------------------------------------------------------------------------------
 
-        After the first answer, the other busy environments get up to `batch_wait` seconds
-        to answer too, so that the agent serves them in one call.
+    def _maybe_act(self, workers: list[_Worker]) -> float | None:
+        """Ask the agent for every waiting environment, unless a call is already running or
+        the gather window is still open; returns the window's end while it is open.
+
+        The window (from the moment the first environment started waiting) lets environments
+        still stepping or resetting join the call. It is `batch_wait`, capped by what the
+        last call cost: waiting longer than one call takes would cost more than a second
+        call, so an agent that costs nothing (replay) never waits at all.
         """
+        if self._acting:
+            return None
+        waiting = [worker for worker in workers if worker.state == "acting"]
+        if not waiting:
+            return None
+        coming = any(w.state in ("resetting", "preparing", "stepping") for w in workers)
+        window = self.config.batch_wait
+        if self._last_call is not None:
+            window = min(window, self._last_call)
+        deadline = min(worker.waiting_since for worker in waiting) + window
+        if coming and time.monotonic() < deadline:
+            return deadline
+        batch = [(worker.slot, worker.episode.observation) for worker in waiting]
+        for worker in waiting:
+            worker.state = "thinking"
+        self._agent_thread.submit(
+            ("act", [(worker, worker.episode) for worker in waiting]), _act_each, self.agent, batch
+        )
+        self._acting = True
+        return None
+
+    # -- waiting -------------------------------------------------------------------------------
+
+    def _wait(
+        self,
+        workers: list[_Worker],
+        pending: deque,
+        context: Any,
+        gather_deadline: float | None,
+    ) -> None:
+        """Sleep until a worker answers, the agent finishes a job, a deadline passes or the
+        gather window closes; then handle whatever happened."""
         busy = [worker for worker in workers if worker.state in ("resetting", "stepping")]
-        if not busy:
-            return
-        timeout = max(0.0, min(worker.deadline for worker in busy) - time.monotonic())
-        ready = set(wait([worker.conn for worker in busy], timeout=timeout))
-        gather_until = time.monotonic() + self.config.batch_wait
-        while ready and self.config.batch_wait > 0:
-            others = [w.conn for w in busy if w.conn not in ready]
-            left = gather_until - time.monotonic()
-            if not others or left <= 0:
-                break
-            ready.update(wait(others, timeout=left))
+        deadlines = [worker.deadline for worker in busy]
+        if gather_deadline is not None:
+            deadlines.append(gather_deadline)
+        timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+        ready = set(wait([w.conn for w in busy] + [self._agent_thread.ready], timeout=timeout))
+        if self._agent_thread.ready in ready:
+            for done in self._agent_thread.collect():
+                self._agent_done(done, workers)
         now = time.monotonic()
         for worker in busy:
             if worker.conn in ready:
@@ -357,17 +405,17 @@ class Runner:
             info = EpisodeInfo(
                 episode.key, episode.level, episode.variation, episode.instruction, worker.slot
             )
-            self.agent.reset(
-                worker.slot,
-                EpisodeContext(
-                    key=episode.key, task=episode.key.task, level=episode.level,
-                    variation=episode.variation, instruction=episode.instruction,
-                    seed=derive_seed(episode.key.task, episode.key.episode, episode.key.seed),
-                    stored=episode.stored,
-                ),
+            episode_context = EpisodeContext(
+                key=episode.key, task=episode.key.task, level=episode.level,
+                variation=episode.variation, instruction=episode.instruction,
+                seed=derive_seed(episode.key.task, episode.key.episode, episode.key.seed),
+                stored=episode.stored,
             )  # fmt: skip
             self._emit("on_episode_start", episode.key, info)
-            worker.state = "acting"
+            self._agent_thread.submit(
+                ("reset", worker, episode), self.agent.reset, worker.slot, episode_context
+            )
+            worker.state = "preparing"
         elif kind == "step":
             self._stepped(worker, message[1])
 
@@ -380,37 +428,45 @@ class Runner:
             error = _split_error(result.error) if result.error else None
             self._finish(worker, success=bool(result.success), status="ok", error=error)
         else:
-            worker.state = "acting"
+            worker.wait_for_action()
 
-    def _act(self, waiting: list[_Worker]) -> None:
-        """One agent call for every environment waiting on an action."""
-        if not waiting:
-            return
-        batch = [(worker.slot, worker.episode.observation) for worker in waiting]
-        try:
-            actions = self.agent.act(batch)
-            if len(actions) != len(batch):
-                raise ValueError(f"act() returned {len(actions)} actions for {len(batch)}")
-            outcomes: list[Any] = list(actions)
-        except Exception:
-            # find who failed: ask again one environment at a time
-            outcomes = []
-            for entry in batch:
-                try:
-                    outcomes.extend(self.agent.act([entry]))
-                except Exception as error:
-                    outcomes.append(error)
-        for worker, outcome in zip(waiting, outcomes, strict=True):
-            episode = worker.episode
-            if isinstance(outcome, Exception):
+    # -- the agent's answers ---------------------------------------------------------------------
+
+    def _agent_done(self, done: Done, workers: list[_Worker]) -> None:
+        kind = done.tag[0]
+        if kind == "act":
+            self._acting = False
+            self._last_call = done.seconds
+            for (worker, episode), outcome in zip(done.tag[1], done.result, strict=True):
+                if worker in workers and worker.episode is episode:
+                    self._send_action(worker, outcome)
+        elif kind == "reset":
+            _, worker, episode = done.tag
+            if worker not in workers or worker.episode is not episode:
+                return
+            if done.error is not None:
                 self._finish(worker, success=False, status="error",
-                             error=(type(outcome).__name__, str(outcome)))  # fmt: skip
-                continue
-            action = np.asarray(outcome, dtype=np.float64)
-            self._emit("on_step", episode.key, episode.steps, episode.observation, action)
-            episode.actions.append([float(value) for value in action])
-            worker.send(("step", action), self.config.step_timeout)
-            worker.state = "stepping"
+                             error=(type(done.error).__name__, str(done.error)))  # fmt: skip
+            else:
+                worker.wait_for_action()
+        elif kind == "stats":
+            if done.error is not None:
+                stats = {"stats_error": f"{type(done.error).__name__}: {done.error}"}
+            else:
+                stats = dict(done.result or {})
+            self._emit("on_episode_end", replace(done.tag[1], agent_stats=stats))
+
+    def _send_action(self, worker: _Worker, outcome: Any) -> None:
+        episode = worker.episode
+        if isinstance(outcome, BaseException):
+            self._finish(worker, success=False, status="error",
+                         error=(type(outcome).__name__, str(outcome)))  # fmt: skip
+            return
+        action = np.asarray(outcome, dtype=np.float64)
+        self._emit("on_step", episode.key, episode.steps, episode.observation, action)
+        episode.actions.append([float(value) for value in action])
+        worker.send(("step", action), self.config.step_timeout)
+        worker.state = "stepping"
 
     def _lost(
         self,
@@ -440,24 +496,57 @@ class Runner:
         status: str,
         error: tuple[str, str] | None = None,
     ) -> None:
+        """The episode's record, reported once the agent's statistics for it are in (the
+        worker is free at once)."""
         episode = worker.episode
         assert episode is not None
         if episode.observation is not None:
             self._emit("on_step", episode.key, episode.steps, episode.observation, None)
-        stats = self.agent.episode_stats(worker.slot) if episode.instruction else {}
         record = EpisodeRecord(
             task=episode.key.task, level=episode.level, variation=episode.variation,
             episode=episode.key.episode, seed=episode.key.seed,
             instruction=episode.instruction or episode.stored.instruction,
             steps=episode.steps, success=success, status=status,
             error_type=error[0] if error else None, error_message=error[1] if error else None,
-            actions=episode.actions, agent_stats=stats,
+            actions=episode.actions, agent_stats={},
             seconds=round(time.monotonic() - episode.started, 3), attempts=episode.attempts,
         )  # fmt: skip
-        self._emit("on_episode_end", record)
         worker.episode = None
         worker.state = "idle"
         worker.deadline = float("inf")
+        if episode.instruction:  # the agent was reset for it
+            self._agent_thread.submit(("stats", record), self.agent.episode_stats, worker.slot)
+        else:
+            self._emit("on_episode_end", record)
+
+
+def _next_key(pending: deque, task: str | None) -> tuple[EpisodeKey, int]:
+    """The next (key, attempt) for a worker: the first pending one of the task its simulator
+    has loaded, if any, else the first one (so a worker rarely builds another task's scene)."""
+    if task is not None:
+        for index, (key, attempt) in enumerate(pending):
+            if key.task == task:
+                del pending[index]
+                return key, attempt
+    return pending.popleft()
+
+
+def _act_each(agent: Agent, batch: list[tuple[int, Observation]]) -> list[Any]:
+    """One `act` call for the batch; if it fails, each environment alone, so that the
+    exception is recorded for the episodes that raise it and no other."""
+    try:
+        actions = agent.act(batch)
+        if len(actions) != len(batch):
+            raise ValueError(f"act() returned {len(actions)} actions for {len(batch)}")
+        return list(actions)
+    except Exception:
+        outcomes: list[Any] = []
+        for entry in batch:
+            try:
+                outcomes.extend(agent.act([entry]))
+            except Exception as error:
+                outcomes.append(error)
+        return outcomes
 
 
 def _split_error(text: str) -> tuple[str, str]:

@@ -9,7 +9,9 @@ it instead of one per environment.
 Most policies plan several keyframes at a time (X-ICM: up to 26 per LLM reply; action
 chunks). `QueuedAgent` handles that once: a subclass implements `plan`, which is called
 with only the environments whose queue is empty, and returns a sequence of actions for
-each; `act` then pops one action per environment.
+each; `act` then pops one action per environment. A plan may be an exception instead, for an
+environment whose episode cannot go on (a prompt longer than the model's context): the
+evaluator records that episode as an error and the others carry on.
 
 Seeding: the evaluator resets each episode with an `EpisodeContext` whose `seed` is
 derived from (task, episode, evaluation seed), and a `numpy.random.Generator` built from
@@ -24,6 +26,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,6 +80,10 @@ class Agent(ABC):
     def episode_stats(self, env_id: int) -> dict[str, Any]:
         return {}
 
+    def open_run(self, out: Path, shard: tuple[int, int]) -> None:  # noqa: B027 (optional)
+        """Called once before the first episode with the run folder and this process's
+        shard, for files the agent keeps next to the records (X-ICM's prompts and replies)."""
+
     def settings(self) -> dict[str, Any]:
         """JSON values that change what the agent does (part of the run's fingerprint)."""
         return {}
@@ -98,7 +105,8 @@ class QueuedAgent(Agent):
 
     Subclasses implement `plan(batch)`: for each (env_id, observation) it is given, a
     non-empty sequence of 9-dim actions, executed one per step before `plan` is asked
-    again for that environment.
+    again for that environment, or an exception that ends that environment's episode as
+    an error (`act` returns it in the environment's place).
     """
 
     def __init__(self) -> None:
@@ -115,10 +123,13 @@ class QueuedAgent(Agent):
         return self._contexts[env_id]
 
     @abstractmethod
-    def plan(self, batch: Sequence[tuple[int, Observation]]) -> list[Sequence[np.ndarray]]: ...
+    def plan(
+        self, batch: Sequence[tuple[int, Observation]]
+    ) -> list[Sequence[np.ndarray] | BaseException]: ...
 
-    def act(self, batch: Sequence[tuple[int, Observation]]) -> list[np.ndarray]:
+    def act(self, batch: Sequence[tuple[int, Observation]]) -> list[np.ndarray | BaseException]:
         empty = [(env_id, observation) for env_id, observation in batch if not self._queues[env_id]]
+        failed: dict[int, BaseException] = {}
         if empty:
             plans = self.plan(empty)
             if len(plans) != len(empty):
@@ -126,12 +137,18 @@ class QueuedAgent(Agent):
                     f"{self.name}: plan() returned {len(plans)} plans for {len(empty)} environments"
                 )
             for (env_id, _), actions in zip(empty, plans, strict=True):
+                if isinstance(actions, BaseException):
+                    failed[env_id] = actions
+                    continue
                 actions = [checked_action(action, self.name) for action in actions]
                 if not actions:
                     raise AgentError(f"{self.name}: plan() returned no action for env {env_id}")
                 self._queues[env_id].extend(actions)
                 self._plans[env_id] += 1
-        return [self._queues[env_id].popleft() for env_id, _ in batch]
+        return [
+            failed[env_id] if env_id in failed else self._queues[env_id].popleft()
+            for env_id, _ in batch
+        ]
 
     def episode_stats(self, env_id: int) -> dict[str, Any]:
         return {"plans": self._plans.get(env_id, 0)}

@@ -26,7 +26,7 @@ class ReplayAgent(QueuedAgent):
     name = "replay"
 
     def plan(self, batch: Sequence[tuple[int, Observation]]) -> list[Sequence[np.ndarray]]:
-        from agnostos.datamodules.episodes import FolderEpisode, keyframe_actions
+        from agnostos.shards.views import FolderEpisode, keyframe_actions
 
         plans = []
         for env_id, _ in batch:

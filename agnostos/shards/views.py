@@ -1,4 +1,5 @@
-"""Light views of one episode, from a shard sample or from an RLBench folder.
+"""Light views of one episode, from a shard sample or from an RLBench folder (no torch: the
+evaluator's replay agent reads keyframe actions through them too).
 
 Expanding an episode into training samples needs only its identity, descriptions, frame
 count, keyframes, a few low-dim arrays and the PNG bytes of the frames a sample uses.

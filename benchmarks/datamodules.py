@@ -60,11 +60,11 @@ from agnostos.datamodules.dynamics import (
     ExpandDynamics,
     collate_dynamics,
 )
-from agnostos.shards.views import FolderEpisode
 from agnostos.datamodules.streams import StreamState
 from agnostos.datamodules.tar_stream import TarSamples
 from agnostos.shards.convert import ConvertOptions, convert
 from agnostos.shards.folders import discover_episodes, read_episode
+from agnostos.shards.views import FolderEpisode
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 32

@@ -40,7 +40,6 @@ from agnostos.datamodules import (
     split_episodes,
 )
 from agnostos.datamodules.catalogue import shard_catalogue
-from agnostos.shards.views import FolderEpisode, ShardEpisode, keyframe_actions
 from agnostos.datamodules.streams import ExportRank, SeededShuffle
 from agnostos.datamodules.tar_stream import FieldSelection, read_samples
 from agnostos.images import centre_crop_resize
@@ -48,6 +47,7 @@ from agnostos.shards.convert import ConvertOptions, convert, shard_urls
 from agnostos.shards.folders import discover_episodes, read_episode
 from agnostos.shards.manifest import Manifest
 from agnostos.shards.reading import iter_samples
+from agnostos.shards.views import FolderEpisode, ShardEpisode, keyframe_actions
 
 QUIET = {"show_progress": False}
 FAST = {"num_workers": 0, "shuffle_buffer": 1}

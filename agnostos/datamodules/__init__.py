@@ -12,7 +12,6 @@ Pipelines, splitting and seeding: `streams.py`; the shard reader: `agnostos.shar
 from agnostos.datamodules.base import EpisodeDataModule
 from agnostos.datamodules.catalogue import CatalogueEntry, Split, split_episodes
 from agnostos.datamodules.dynamics import DynamicsBatch, DynamicsDataModule, dynamics_pairs
-from agnostos.shards.views import SampleDataError
 from agnostos.datamodules.keyframes import (
     KeyframeBatch,
     KeyframeDataModule,
@@ -20,6 +19,7 @@ from agnostos.datamodules.keyframes import (
     keyframe_transitions,
 )
 from agnostos.datamodules.tar_stream import ShardReadError
+from agnostos.shards.views import SampleDataError
 
 __all__ = [
     "CatalogueEntry",

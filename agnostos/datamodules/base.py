@@ -23,7 +23,6 @@ from agnostos.datamodules.catalogue import (
     shard_catalogue,
     split_episodes,
 )
-from agnostos.shards.views import ReadFolderEpisodes, ToShardEpisodes
 from agnostos.datamodules.streams import (
     EpochLoader,
     EpochPipeline,
@@ -35,6 +34,7 @@ from agnostos.datamodules.streams import (
     training_pipeline,
 )
 from agnostos.datamodules.tar_stream import FieldSelection, TarSamples
+from agnostos.shards.views import ReadFolderEpisodes, ToShardEpisodes
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ from typing import Any, Literal
 import torch
 
 from agnostos.datamodules.base import EpisodeDataModule
-from agnostos.shards.views import EpisodeView, SampleDataError
 from agnostos.datamodules.streams import StreamState
 from agnostos.datamodules.tar_stream import FieldSelection
 from agnostos.images import prepare_rgb, to_unit_range
 from agnostos.shards.episode import CAMERAS
 from agnostos.shards.samples import JSON_EXT, frame_ext
+from agnostos.shards.views import EpisodeView, SampleDataError
 
 InputFrame = Literal["first", "all", "keyframes"]
 TargetFrame = Literal["last", "next_keyframe", "offset"]

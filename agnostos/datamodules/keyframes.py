@@ -26,6 +26,10 @@ from agnostos.action_codecs import ActionCodec, ActionStats, TokenBinCodec, XICM
 from agnostos.datamodules.base import EpisodeDataModule
 from agnostos.datamodules.catalogue import CatalogueEntry, Split
 from agnostos.datamodules.dynamics import decode_frame
+from agnostos.datamodules.streams import StreamState
+from agnostos.datamodules.tar_stream import FieldSelection, TarSamples
+from agnostos.shards.episode import CAMERAS
+from agnostos.shards.samples import JSON_EXT, LOW_DIM_EXT, frame_ext
 from agnostos.shards.views import (
     EpisodeView,
     ReadFolderEpisodes,
@@ -34,10 +38,6 @@ from agnostos.shards.views import (
     keyframe_action,
     keyframe_actions,
 )
-from agnostos.datamodules.streams import StreamState
-from agnostos.datamodules.tar_stream import FieldSelection, TarSamples
-from agnostos.shards.episode import CAMERAS
-from agnostos.shards.samples import JSON_EXT, LOW_DIM_EXT, frame_ext
 
 log = logging.getLogger(__name__)
 

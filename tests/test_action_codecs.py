@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from scipy.spatial.transform import Rotation
 
 from agnostos.action_codecs import (
     XICM_HOME_CODE,
@@ -85,6 +86,74 @@ def test_rotation_encoding_flips_negative_w_and_wraps_72_to_0():
     assert CODEC.encode_rotation(euler_xyz_to_quaternion([178.6, 0.0, 0.0]))[0] == 0
     # np.around rounds half to even: 2.5 degrees -> 182.5 / 5 = 36.5 -> 36.
     assert CODEC.encode_rotation(euler_xyz_to_quaternion([0.0, 0.0, 2.5]))[2] == 36
+
+
+def _xicm_discrete_euler(quaternion) -> list[int]:
+    """X-ICM's encoder written out, one quaternion at a time: `normalize_quaternion`, negate
+    when w < 0, `quaternion_to_discrete_euler` (scipy, + 180, / 5, np.around, 72 -> 0)."""
+    quat = np.array(quaternion) / np.linalg.norm(quaternion, axis=-1, keepdims=True)
+    if quat[-1] < 0:
+        quat = -quat
+    euler = Rotation.from_quat(quat).as_euler("xyz", degrees=True) + 180
+    disc = np.around(euler / 5).astype(int)
+    disc[disc == 72] = 0
+    return disc.tolist()
+
+
+def _xicm_quaternion(bins) -> np.ndarray:
+    """X-ICM's `discrete_euler_to_quaternion`, one code at a time."""
+    return Rotation.from_euler("xyz", np.array(bins) * 5 - 180, degrees=True).as_quat()
+
+
+# Half-bin ties: quaternions (scipy `from_euler` of the angles, stored to the bit) whose Euler
+# angle is nominally k * 5 + 2.5 degrees. scipy's `as_euler` and the numpy port this codec
+# used before land on opposite sides of the tie, so `np.around` picks neighbouring bins.
+HALF_BIN_TIES = [
+    # (Euler angles, xyzw quaternion, X-ICM's bins, the old numpy port's bins)
+    ((-82.5, 0, 0), ("-0x1.5195c65137f0cp-1", "0x0.0p+0", "0x0.0p+0", "0x1.80f125b1e8028p-1"),
+     [20, 36, 36], [19, 36, 36]),
+    ((0, 0, -82.5), ("0x0.0p+0", "0x0.0p+0", "-0x1.5195c65137f0cp-1", "0x1.80f125b1e8028p-1"),
+     [36, 36, 20], [36, 36, 19]),
+    ((12.5, -17.5, 0), ("0x1.b8ba9920bb99cp-4", "-0x1.35b26ba203052p-3",
+                        "0x1.0f56b29186e1ep-6", "0x1.f7088a0918286p-1"),
+     [38, 32, 36], [38, 33, 36]),
+    ((-45, 0, -97.5), ("-0x1.02605cdbcb62dp-2", "0x1.269f30bcdf351p-2",
+                       "-0x1.63a3d835a8e94p-1", "0x1.37e34f0cad74cp-1"),
+     [27, 36, 16], [27, 36, 17]),
+    # w < 0: X-ICM negates the quaternion before converting it.
+    ((-177.5, 60, 60), ("-0x1.82b36fbc07f1ep-1", "-0x1.b1a06cbb352a8p-2",
+                        "0x1.c4f8e9ce6192fp-2", "-0x1.de5ed8b971f2cp-3"),
+     [1, 48, 48], [0, 48, 48]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("angles", "quaternion", "bins", "old_bins"), HALF_BIN_TIES)
+def test_half_bin_ties_round_as_x_icm_does(angles, quaternion, bins, old_bins):
+    q = np.array([float.fromhex(value) for value in quaternion])
+    np.testing.assert_allclose(q, Rotation.from_euler("xyz", angles, degrees=True).as_quat())
+    assert CODEC.encode_rotation(q).tolist() == _xicm_discrete_euler(q) == bins
+    assert bins != old_bins
+
+
+def test_rotation_codec_is_vectorised_and_equals_x_icm_row_by_row():
+    rng = np.random.default_rng(7)
+    halves = np.arange(72) * 5 + 2.5 - 180
+    grid = np.stack(np.meshgrid(halves[::5], halves[18:54:4], halves[::7]), -1).reshape(-1, 3)
+    ties = np.array([[float.fromhex(v) for v in row[1]] for row in HALF_BIN_TIES])
+    quats = np.concatenate(
+        [ties, Rotation.from_euler("xyz", grid, degrees=True).as_quat(), rng.normal(size=(300, 4))]
+    )
+    expected = [_xicm_discrete_euler(q) for q in quats]
+    assert CODEC.encode_rotation(quats).tolist() == expected
+    assert (
+        CODEC.encode_rotation(quats[:300].reshape(3, 100, 4)).reshape(300, 3).tolist()
+        == (expected[:300])
+    )
+    codes = rng.integers(0, 72, size=(200, 3))
+    decoded = CODEC.decode_rotation(codes)
+    assert np.array_equal(decoded, np.stack([_xicm_quaternion(code) for code in codes]))
+    assert CODEC.decode_rotation(codes[:0]).shape == (0, 4)
+    assert CODEC.encode_rotation(quats[:0]).shape == (0, 3)
 
 
 def test_gripper_bit_and_strict_mode_errors():

@@ -18,22 +18,36 @@ pytestmark = pytest.mark.timeout(600)
 SEEN = ("push_button", "open_drawer")
 UNSEEN = ("close_drawer",)
 STAGES = ("seen_demos", "unseen_demos", "seen_shards", "unseen_shards", "base", "train",
-          "bank", "retrieve")  # fmt: skip
+          "bank", "retrieve", "eval")  # fmt: skip
 SMALL = [
     "--seen-tasks", ",".join(SEEN), "--unseen-tasks", ",".join(UNSEEN),
     "--seen-episodes", "2", "--unseen-episodes", "1", "--vae-steps", "2",
     "--train-steps", "3", "--sampling-steps", "2", "--batch-size", "2", "--top-k", "3",
+    "--eval-episodes", "1", "--eval-max-steps", "2", "--llm-max-new-tokens", "24",
     "--no-progress",
 ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from agnostos.models.tiny_llm import build_tiny_llm
+
+    return build_tiny_llm(tmp_path_factory.mktemp("demo-llm") / "llm")
+
+
+@pytest.fixture(scope="module")
+def small(tiny_llm: Path) -> list[str]:
+    """SMALL with the tiny chat model as the evaluation's LLM."""
+    return [*SMALL, "--llm", str(tiny_llm)]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory, small: list[str]) -> Path:
     out = tmp_path_factory.mktemp("demo") / "run"
     mp = pytest.MonkeyPatch()
     mp.setenv("WANDB_MODE", "offline")
     mp.setenv("WANDB_SILENT", "true")
-    status = main(["demo", "--out", str(out), *SMALL, "--workers", "1"])
+    status = main(["demo", "--out", str(out), *small, "--workers", "1"])
     mp.undo()
     assert status == 0
     return out
@@ -84,13 +98,30 @@ def test_demo_stages_leave_their_artefacts(demo_run: Path) -> None:
     assert manifest["totals"]["episodes"] == 1
 
 
+def test_demo_evaluates_xicm_with_both_rankers_through_the_evaluator(demo_run: Path) -> None:
+    from agnostos.evaluation.records import read_records
+
+    result = json.loads((demo_run / "summary.json").read_text())["eval"]
+    assert list(result["runs"]) == ["lang_vis_out", "random"]
+    for run in result["runs"].values():
+        (record,) = read_records(run["out"])
+        assert (record.task, record.episode, record.status) == ("close_drawer", 0, "ok")
+        assert 1 <= record.steps <= 2 and run["llm_calls"] == record.agent_stats["llm_calls"] >= 1
+        assert run["all"] == run["level1"] == (100.0 if record.success else 0.0)
+        assert run["level2"] is None  # no Level-2 task in this run: reported, not a 0
+        assert (Path(run["out"]) / "llm_calls.jsonl").is_file()
+    text = (demo_run / "summary.txt").read_text()
+    assert "X-ICM on minibench unseen tasks" in text and "constrained decoding" in text
+    assert "lang_vis_out" in text and "random" in text
+
+
 def test_demo_rerun_skips_finished_stages_and_gives_the_same_retrieval(
-    demo_run: Path, capsys: pytest.CaptureFixture[str]
+    demo_run: Path, small: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     before = json.loads((demo_run / "summary.json").read_text())["retrievals"]
     export = json.loads((demo_run / "stages" / "train.json").read_text())["result"]["export"]
     mtime = (Path(export) / "unet" / "config.json").stat().st_mtime_ns
-    status = main(["demo", "--out", str(demo_run), *SMALL, "--no-wandb", "--workers", "2"])
+    status = main(["demo", "--out", str(demo_run), *small, "--no-wandb", "--workers", "2"])
     assert status == 0  # worker counts and W&B change how stages run, not what they make
     log = capsys.readouterr().out
     for stage in STAGES:
@@ -119,12 +150,12 @@ def _flag(args: list[str], flag: str, value: str) -> list[str]:
 
 
 def test_demo_rerun_with_changed_settings_reruns_exactly_the_affected_stages(
-    demo_run: Path, capsys: pytest.CaptureFixture[str]
+    demo_run: Path, small: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The README's `--train-steps 50 --top-k 3` after a full run: training, the bank and
     the retrieval run again, the demos, shards and base are re-used, and the summary says
     what the results were made with. (Runs last: it changes the module's demo folder.)"""
-    changed = _flag(_flag(SMALL, "--train-steps", "2"), "--top-k", "2")
+    changed = _flag(_flag(small, "--train-steps", "2"), "--top-k", "2")
     assert main(["demo", "--out", str(demo_run), *changed, "--no-wandb"]) == 0
     log = capsys.readouterr().out
     for stage in ("seen_demos", "unseen_demos", "seen_shards", "unseen_shards", "base"):

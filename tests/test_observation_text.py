@@ -3,12 +3,16 @@ against an independent port of X-ICM's own pipeline (PIL decodes, PyRep back-pro
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from agnostos.envs.protocol import CameraFrame, Observation
 from agnostos.evaluation.observation_text import (
     XICM_CODEC,
     DemoText,
@@ -16,14 +20,18 @@ from agnostos.evaluation.observation_text import (
     episode_observation_text,
     format_actions,
     format_observation,
+    frame_mask_names,
+    frame_observation_text,
     keyframe_actions,
     merge_mask_names,
     object_voxels,
+    observation_text,
     task_object_names,
 )
-from agnostos.shards.episode import Episode
+from agnostos.shards import codecs
+from agnostos.shards.episode import Episode, FrameStore
 from agnostos.shards.folders import discover_episodes, read_episode
-from agnostos.tasks import AGNOSTOS_OBJECT_NAMES
+from agnostos.tasks import AGNOSTOS_OBJECT_NAMES, MINIBENCH_OBJECT_NAMES
 
 # --- an independent reference: X-ICM's form_obs over raw files -----------------------------
 
@@ -36,18 +44,20 @@ def _xicm_depth(path: Path, near: float, far: float) -> np.ndarray:
 
 
 def _pyrep_point_cloud(depth: np.ndarray, extrinsics: np.ndarray, intrinsics: np.ndarray):
-    """PyRep's `pointcloud_from_depth_and_camera_params`: invert the 4x4 projection."""
+    """PyRep's `pointcloud_from_depth_and_camera_params`: invert the 4x4 projection and
+    apply it as its `_transform` does, (3x4) @ (4xN)."""
     height, width = depth.shape
     cols, rows = np.meshgrid(np.arange(width), np.arange(height))
     uniform = np.stack([cols, rows, np.ones_like(cols)], axis=-1).astype(np.float32)
     pixels = uniform * depth[..., None]
     rotation_inv = extrinsics[:3, :3].T
-    centre = extrinsics[:3, 3:4]
-    view = np.concatenate([rotation_inv, -rotation_inv @ centre], axis=-1)
-    projection = np.concatenate([intrinsics @ view, [[0, 0, 0, 1]]])
+    centre = np.expand_dims(extrinsics[:3, 3], 0).T
+    view = np.concatenate([rotation_inv, -np.matmul(rotation_inv, centre)], axis=-1)
+    projection = np.concatenate([np.matmul(intrinsics, view), [np.array([0, 0, 0, 1])]])
     inverse = np.linalg.inv(projection)[:3]
     homogeneous = np.concatenate([pixels, np.ones((height, width, 1))], axis=-1)
-    return (homogeneous.reshape(-1, 4) @ inverse.T).reshape(height, width, 3)
+    world = np.matmul(inverse, homogeneous.reshape(-1, 4).T).T
+    return world.reshape(height, width, 3)
 
 
 def _roboprompt_voxel(point: np.ndarray) -> np.ndarray:
@@ -263,3 +273,165 @@ def test_mask_names_merge_over_cameras_and_name_maps_cover_agnostos() -> None:
     assert merge_mask_names(per_camera, ("front", "wrist")) == {3: "a", 4: "b2", 5: "c"}
     assert len(AGNOSTOS_OBJECT_NAMES) == 41
     assert task_object_names("light_bulb_in")["bulb0"] == "blub"
+
+
+# --- names of the frame read ----------------------------------------------------------------
+
+
+def test_frame_mask_names_keep_only_what_each_camera_sees_in_that_frame() -> None:
+    """X-ICM's maps name the handles in each camera's mask of the frame read: a name known
+    only from other frames (or other cameras' maps of handles they do not see) is absent."""
+    masks = {"a": np.array([[5, 5], [0, 8]]), "b": np.array([[7, 7], [7, 0]])}
+    per_camera = {"a": {5: "five", 6: "six", 8: "eight"}, "b": {7: "seven", 8: "eight b"}}
+    assert frame_mask_names(per_camera, masks, ("a", "b")) == {5: "five", 8: "eight", 7: "seven"}
+    # The union over frames would also name 6 (not in any mask) and let b rename 8.
+    union = {5: "five", 6: "six", 8: "eight b", 7: "seven"}
+    assert merge_mask_names(per_camera, ("a", "b")) == union
+    points = {c: np.broadcast_to([0.105, 0.105, 0.705], (2, 2, 3)) for c in ("a", "b")}
+    names = {"five": "A", "six": "B", "eight": "C", "eight b": "D", "seven": "E"}
+    handles = frame_mask_names(per_camera, masks, ("a", "b"))
+    text = frame_observation_text(masks, points, handles, names, "go", ("a", "b"))
+    assert text == "['instruction': go, {'A': [40, 60, 10], 'E': [40, 60, 10], 'C': [40, 60, 10]}]"
+
+
+@dataclass(frozen=True)
+class _PatchedFrames:
+    """A frame store with some PNGs replaced (to stage what a camera saw in one frame)."""
+
+    base: FrameStore
+    patches: dict[tuple[str, str, int], bytes]
+
+    def read(self, camera: str, modality: str, index: int) -> bytes:
+        patched = self.patches.get((camera, modality, index))
+        return patched if patched is not None else self.base.read(camera, modality, index)
+
+
+def test_stored_demo_text_names_handles_from_the_frame_it_reads(synthetic_root: Path) -> None:
+    """The block is in the front mask of frame 0 but only the wrist's map (the union over
+    frames: the wrist saw it later) names it, and the wrist does not see it in frame 0.
+    X-ICM's frame-0 maps leave it unnamed, so the demo text omits it."""
+    episode = read_episode(discover_episodes(synthetic_root)[0])
+    wrist = episode.mask("wrist", 0)
+    assert 57 in episode.mask("front", 0) and 57 in wrist
+    hidden = codecs.encode_png(codecs.mask_to_rgb(np.where(wrist == 57, 10, wrist)))
+    table = {10: "diningTable_visible"}
+    staged = replace(
+        episode,
+        frames=_PatchedFrames(episode.frames, {("wrist", "mask", 0): hidden}),
+        mask_names={"front": table, "wrist": {**table, 57: "block"}},
+    )
+    cameras = ("front", "wrist")
+    text = episode_observation_text(staged, object_names=SYNTHETIC_NAMES, cameras=cameras)
+    assert "'table'" in text and "'block'" not in text
+    # Merging the stored maps regardless of what each camera shows (the old rule) names it.
+    merged = merge_mask_names(staged.mask_names, cameras)
+    assert "'block': [52, 41, 19]" in episode_observation_text(
+        staged, object_names=SYNTHETIC_NAMES, cameras=cameras, mask_names=merged
+    )
+
+
+# --- live observations ----------------------------------------------------------------------
+
+
+def _live_observation(episode: Episode, frame: int, names: dict[int, str]) -> Observation:
+    """A live-style observation of a stored frame: float32 depth, as a simulator gives it."""
+    cameras = {}
+    for camera in episode.image_cameras:
+        params = episode.cameras[camera]
+        cameras[camera] = CameraFrame(
+            rgb=episode.rgb(camera, frame),
+            depth=episode.depth(camera, frame).astype(np.float32),
+            mask=episode.mask(camera, frame),
+            intrinsics=params.intrinsics[frame],
+            extrinsics=params.extrinsics[frame],
+            near=float(params.near[frame]),
+            far=float(params.far[frame]),
+        )
+    return Observation(
+        cameras=cameras,
+        gripper_pose=episode.low_dim.gripper_pose[frame],
+        gripper_open=float(episode.low_dim.gripper_open[frame]),
+        joint_positions=episode.low_dim.joint_positions[frame],
+        joint_velocities=episode.low_dim.joint_velocities[frame],
+        mask_names=names,
+        instruction="live instruction",
+    )
+
+
+def test_live_observation_text_follows_x_icms_query_path(synthetic_root: Path) -> None:
+    """float32 points (YARR casts every cloud the agent sees), float32 means, the frame's
+    visible handles named through the task map, the live instruction by default."""
+    episode = read_episode(discover_episodes(synthetic_root)[0])
+    live = _live_observation(episode, 2, {10: "diningTable_visible", 57: "block", 3: "block"})
+    cameras = ("front", "wrist")
+    text = observation_text(live, "pick_block", object_names=SYNTHETIC_NAMES, cameras=cameras)
+    frames = [live.cameras[c] for c in cameras]
+    masks = [frame.mask for frame in frames]
+    clouds = [  # YARR's cast
+        codecs.point_cloud(f.depth, f.intrinsics, f.extrinsics).astype(np.float32) for f in frames
+    ]
+    id_to_real = {10: "table", 57: "block"}
+    expected = {}
+    for mask_id in np.unique(np.concatenate(masks)):
+        if mask_id in id_to_real:
+            seen = [
+                (mask, cloud)
+                for mask, cloud in zip(masks, clouds, strict=True)
+                if np.any(mask == mask_id)
+            ]
+            means = [cloud[mask == mask_id].mean(axis=0) for mask, cloud in seen]
+            assert means[0].dtype == np.float32
+            voxel = XICM_CODEC.encode_position(sum(means) / len(means))
+            expected[id_to_real[mask_id]] = [int(v) for v in voxel]
+    assert text == "['instruction': live instruction, " + str(expected) + "]"
+    assert observation_text(
+        live, "pick_block", "given", object_names=SYNTHETIC_NAMES, cameras=cameras
+    ).startswith("['instruction': given, {")
+    with pytest.raises(KeyError, match="no object-name map for task 'pick_block'"):
+        observation_text(live, "pick_block")
+    with pytest.raises(KeyError, match="observation has no camera"):
+        observation_text(live, "pick_block", object_names=SYNTHETIC_NAMES, cameras=("top",))
+
+
+MINIBENCH_TASKS = ("pick_up_block", "open_drawer")
+MINIBENCH_SIZE = 64  # a smaller render keeps the two recorded demos to a few seconds
+
+
+def _minibench_texts(out: str) -> list[tuple[str, str, str, str, str]]:
+    """Record one demo per task into `out`, then per episode: (key, live instruction,
+    stored instruction, live query text right after `reset_to_episode`, frame-0 demo text).
+
+    Runs in a fresh process: once MuJoCo's EGL (Mesa llvmpipe) is loaded, a later
+    `import triton` (torch, diffusers) in the same process crashes in LLVM.
+    """
+    from agnostos.envs.minibench.env import MiniBenchEnv
+    from agnostos.envs.minibench.generate import generate
+
+    generate(MINIBENCH_TASKS, 1, out, image_size=MINIBENCH_SIZE, progress=False)
+    env = MiniBenchEnv(image_size=MINIBENCH_SIZE)
+    rows = []
+    try:
+        for episode in map(read_episode, discover_episodes(out)):
+            names = MINIBENCH_OBJECT_NAMES[episode.task]
+            live = env.reset_to_episode(episode)
+            query = observation_text(live, episode.task, suite="minibench")
+            assert query == observation_text(live, episode.task, object_names=names)
+            demo = episode_demo_text(episode, object_names=names).observation
+            rows.append((episode.key, live.instruction, episode.instruction, query, demo))
+    finally:
+        env.close()
+    return rows
+
+
+def test_live_text_after_reset_equals_the_stored_demo_text(tmp_path: Path) -> None:
+    """The agent's query text right after `reset_to_episode` and the bank's demo text of
+    that episode's frame 0 are the same string (one code path; the stored depth's 24-bit
+    quantisation and the live float32 rounding move points by well under a millimetre)."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        rows = pool.submit(_minibench_texts, str(tmp_path)).result(timeout=240)
+    assert sorted(key.split("/")[0] for key, *_ in rows) == sorted(MINIBENCH_TASKS)
+    for key, live_instruction, stored_instruction, query, demo in rows:
+        assert live_instruction == stored_instruction, key
+        assert query == demo, key
+        assert "{}" not in query, query

@@ -165,9 +165,11 @@ def _import_api() -> _Api:
 def depth_from_point_cloud(points: np.ndarray, extrinsics: np.ndarray) -> np.ndarray:
     """Metric depth (H,W float32) of world-frame points seen by a camera.
 
-    PyRep's point cloud puts the pixel (u, v) at depth z at `R K^-1 [u z, v z, z] + C` for
-    the camera-to-world pose `[[R, C], [0, 1]]`; the camera-frame point `R^T (p - C)` is
-    `K^-1 [u z, v z, z]`, whose last coordinate is z because K's last row is [0, 0, 1].
+    PyRep's points solve `P [p, 1] = [u z, v z, z, 1]` for its projection
+    `P = [[K R^T, -K R^T C], [0, 1]]` (camera-to-world pose `[[R, C], [0, 1]]`). K's last
+    row is [0, 0, 1], so P's third row gives `z = R[:, 2] . (p - C)` whether or not the
+    stored R is exactly orthonormal; rounded to float32, the simulator's depth dtype, it
+    is the depth PyRep started from, and `codecs.point_cloud` rebuilds its points exactly.
     """
     pose = np.asarray(extrinsics, dtype=np.float64)
     camera_frame = (np.asarray(points, dtype=np.float64) - pose[:3, 3]) @ pose[:3, :3]

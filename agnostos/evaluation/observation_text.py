@@ -17,6 +17,14 @@ actions (`xicm_method.md` sections 4.1-4.2). The algorithm, from the public X-IC
 Every number is printed from a plain Python int. X-ICM prints numpy scalars, which
 numpy >= 2 renders as `np.int64(57)`; that never happens here.
 
+Handles are named from the frame that is read, as X-ICM does: its `<camera>_mask_id_to_name`
+maps hold the names of the handles in that camera's mask at that frame, merged over the
+cameras (`frame_mask_names`). The demo text (`episode_observation_text`, frame 0) and the
+query text of a live observation (`observation_text`) go through one function,
+`frame_observation_text`, so the two can only differ where their inputs do. Live points
+are rounded to float32 first, as YARR's `_extract_obs` rounds every point cloud X-ICM's
+agent sees; stored frames keep PyRep's float64 points, as X-ICM's demo reader does.
+
 Demo text is `f"{observation}>{actions}"`, `actions` being `str()` of the list of 7-int
 keyframe actions; the prompt builder appends `", "` after each demo, as X-ICM does.
 Voxelisation and the 7-int code (voxel xyz, 5-degree Euler bins, gripper) come from
@@ -28,12 +36,16 @@ from __future__ import annotations
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from agnostos.action_codecs import XICMActionCodec
 from agnostos.shards.episode import CAMERAS, Episode
-from agnostos.tasks import AGNOSTOS_OBJECT_NAMES
+from agnostos.tasks import AGNOSTOS_OBJECT_NAMES, get_suite
+
+if TYPE_CHECKING:
+    from agnostos.envs.protocol import Observation
 
 __all__ = [
     "DEFAULT_CAMERAS",
@@ -43,10 +55,13 @@ __all__ = [
     "episode_observation_text",
     "format_actions",
     "format_observation",
+    "frame_mask_names",
+    "frame_observation_text",
     "keyframe_actions",
     "merge_mask_names",
     "object_centroids",
     "object_voxels",
+    "observation_text",
     "task_object_names",
 ]
 
@@ -91,6 +106,31 @@ def merge_mask_names(
     for camera in cameras:
         merged.update({int(handle): name for handle, name in per_camera.get(camera, {}).items()})
     return merged
+
+
+def frame_mask_names(
+    per_camera: Mapping[str, Mapping[int, str]],
+    masks: Mapping[str, np.ndarray],
+    cameras: Sequence[str] = DEFAULT_CAMERAS,
+) -> dict[int, str]:
+    """The handle names of one frame, as that frame's own maps give them to X-ICM.
+
+    RLBench fills `misc['<camera>_mask_id_to_name']` with the names of the handles in that
+    camera's mask at that frame (`VisionSensor.get_mask_id_object_names`), and X-ICM merges
+    those maps over the cameras. `per_camera` may name more handles (the union over an
+    episode's frames, or a simulator's whole name table); only the handles each camera
+    sees in `masks` are kept, so a name known only from another frame never appears.
+    """
+    visible = {
+        camera: {
+            int(handle): per_camera[camera][int(handle)]
+            for handle in np.unique(np.asarray(masks[camera])).tolist()
+            if int(handle) in per_camera.get(camera, {})
+        }
+        for camera in cameras
+        if camera in masks
+    }
+    return merge_mask_names(visible, cameras)
 
 
 def _check_camera(camera: str, mask: np.ndarray, points: np.ndarray) -> None:
@@ -161,6 +201,24 @@ def object_voxels(
     return voxels
 
 
+def frame_observation_text(
+    masks: Mapping[str, np.ndarray],
+    points: Mapping[str, np.ndarray],
+    mask_names: Mapping[int, str],
+    object_names: Mapping[str, str],
+    instruction: str | None,
+    cameras: Sequence[str] = DEFAULT_CAMERAS,
+    codec: XICMActionCodec = XICM_CODEC,
+) -> str:
+    """X-ICM's observation string of one frame: the single path demo and query text share.
+
+    `masks`/`points` per camera, `mask_names` the frame's handle -> simulator name map,
+    `object_names` the task's simulator -> prompt name map.
+    """
+    objects = object_voxels(masks, points, mask_names, object_names, cameras, codec)
+    return format_observation(instruction, objects)
+
+
 def format_observation(instruction: str | None, objects: Mapping[str, Sequence[int]]) -> str:
     """X-ICM's observation string; `instruction=None` gives the bare dict (RoboPrompt).
 
@@ -205,18 +263,15 @@ def _episode_views(
     return masks, points
 
 
-def _episode_mask_names(
+def _check_mask_names(
     episode: Episode, cameras: Sequence[str], mask_names: Mapping[int, str] | None
-) -> Mapping[int, str]:
-    if mask_names is not None:
-        return mask_names
-    merged = merge_mask_names(episode.mask_names, cameras)
-    if not merged:
+) -> None:
+    """Data without handle names (PerAct-fork files) cannot name objects: say so first."""
+    if mask_names is None and not any(episode.mask_names.get(camera) for camera in cameras):
         raise ValueError(
             f"{episode.key}: the episode stores no mask handle names "
             "(misc['<camera>_mask_id_to_name'] is X-ICM-fork data); pass mask_names="
         )
-    return merged
 
 
 def episode_observation_text(
@@ -232,15 +287,74 @@ def episode_observation_text(
     """The observation text of one stored frame (frame 0 for demos).
 
     `object_names` defaults to the task's AGNOSTOS map; `mask_names` (handle -> simulator
-    name) defaults to the episode's stored maps; `instruction` to the first description.
+    name) to the names of the handles visible in that frame (`frame_mask_names` over the
+    stored maps); `instruction` to the first description.
     """
     names = object_names if object_names is not None else task_object_names(episode.task)
-    handles = _episode_mask_names(episode, cameras, mask_names)
+    _check_mask_names(episode, cameras, mask_names)
     masks, points = _episode_views(episode, frame, cameras)
-    objects = object_voxels(masks, points, handles, names, cameras, codec)
-    return format_observation(
-        instruction if instruction is not None else episode.instruction, objects
+    # Episodes keep each camera's names as the union over frames; cut to the handles each
+    # camera's mask shows in this frame, that is the frame's own map whenever the data was
+    # written as RLBench writes it (names taken from the same mask).
+    handles = (
+        mask_names
+        if mask_names is not None
+        else frame_mask_names(episode.mask_names, masks, cameras)
     )
+    text = instruction if instruction is not None else episode.instruction
+    return frame_observation_text(masks, points, handles, names, text, cameras, codec)
+
+
+def _live_views(
+    observation: Observation, cameras: Sequence[str]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Masks and float32 world points of a live observation's cameras.
+
+    float32 because X-ICM's agent only ever sees float32 clouds (YARR's `_extract_obs`
+    casts them); its per-object means are then float32 sums, reproduced by keeping them.
+    """
+    absent = [camera for camera in cameras if camera not in observation.cameras]
+    if absent:
+        raise KeyError(
+            f"observation has no camera(s) {', '.join(absent)} "
+            f"(has {', '.join(observation.cameras)})"
+        )
+    frames = {camera: observation.cameras[camera] for camera in cameras}
+    masks = {camera: np.asarray(frame.mask) for camera, frame in frames.items()}
+    points = {camera: frame.point_cloud().astype(np.float32) for camera, frame in frames.items()}
+    return masks, points
+
+
+def observation_text(
+    observation: Observation,
+    task: str,
+    instruction: str | None = None,
+    *,
+    object_names: Mapping[str, str] | None = None,
+    cameras: Sequence[str] | None = None,
+    suite: str = "agnostos",
+    codec: XICMActionCodec = XICM_CODEC,
+) -> str:
+    """X-ICM's query observation string of a live observation of `task`.
+
+    The same path as the bank's demo text (`frame_observation_text`): the observation's
+    per-camera masks and point clouds, its handle names cut to the handles visible now,
+    named through `task`'s map in `suite` (task names recur across suites: minibench's
+    open_drawer is not AGNOSTOS's) or through `object_names`. `instruction` defaults to
+    the observation's own; `cameras` (None: X-ICM's five) must all be in the observation.
+    """
+    cameras = tuple(cameras) if cameras is not None else DEFAULT_CAMERAS
+    names = (
+        object_names
+        if object_names is not None
+        else task_object_names(task, get_suite(suite).object_names)
+    )
+    masks, points = _live_views(observation, cameras)
+    handles = frame_mask_names(
+        {camera: observation.mask_names for camera in cameras}, masks, cameras
+    )
+    text = instruction if instruction is not None else observation.instruction
+    return frame_observation_text(masks, points, handles, names, text, cameras, codec)
 
 
 def keyframe_actions(

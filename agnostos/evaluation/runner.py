@@ -377,6 +377,7 @@ class Runner:
                 try:
                     message = worker.conn.recv()
                 except (EOFError, OSError):
+                    worker.process.join(timeout=5)  # the pipe closes before the exit is reaped
                     exit_code = worker.process.exitcode
                     self._lost(worker, workers, pending, context, "WorkerCrash",
                                f"the worker process died (exit code {exit_code})")  # fmt: skip

@@ -2,9 +2,10 @@
 
 The byte orders differ on purpose (they do in RLBench): depth packs R as the *high* byte,
 masks pack R as the *low* byte. Depth PNGs hold CoppeliaSim's normalised depth, turned into
-metres with the per-frame near/far planes. Point clouds are not stored on disk; they are
-rebuilt from metric depth and the camera's intrinsics (negative focal lengths, used as
-they are) and camera-to-world extrinsics, as PyRep does.
+metres (float64, as RLBench's `image_to_float_array` gives them) with the per-frame near/far
+planes. Point clouds are not stored on disk; they are rebuilt from metric depth and the
+camera's intrinsics (negative focal lengths, used as they are) and camera-to-world
+extrinsics with PyRep's own arithmetic (`point_cloud`), so they match X-ICM's to the bit.
 """
 
 from __future__ import annotations
@@ -40,11 +41,17 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
 
 def depth_from_rgb(pixels: np.ndarray, near: float, far: float) -> np.ndarray:
-    """Metric depth (float32 metres) from a 24-bit depth image, R the high byte."""
+    """Metric depth (float64 metres) from a 24-bit depth image, R the high byte.
+
+    float64 on purpose: RLBench's `image_to_float_array` and X-ICM's demo reader keep it,
+    and one float32 rounding (up to 2.4e-7 m at 4 m) moves back-projected points enough to
+    change a voxel at a cell edge. `near + d (far - near)` equals X-ICM's
+    `(far - near) d + near` bit for bit (IEEE sums and products commute).
+    """
     rgb = pixels.astype(np.uint32)
     packed = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
     normalised = packed.astype(np.float64) / DEPTH_SCALE
-    return (near + normalised * (far - near)).astype(np.float32)
+    return near + normalised * (far - near)
 
 
 def depth_to_rgb(depth_m: np.ndarray, near: float, far: float) -> np.ndarray:
@@ -70,21 +77,51 @@ def mask_to_rgb(handles: np.ndarray) -> np.ndarray:
     return np.stack([ids & 255, (ids >> 8) & 255, (ids >> 16) & 255], axis=-1).astype(np.uint8)
 
 
-def point_cloud(depth_m: np.ndarray, intrinsics: np.ndarray, extrinsics: np.ndarray) -> np.ndarray:
-    """World-frame points (HxWx3, float64) from metric depth, as PyRep builds them.
+def pixel_coordinates(height: int, width: int) -> np.ndarray:
+    """(H, W, 3) float32 `[column, row, 1]` per pixel: PyRep's uniform pixel grid.
 
-    Pixel (row v, column u) with depth z sits at `R K^-1 [u z, v z, z] + C`, where
-    `extrinsics = [[R, C], [0, 1]]` is the camera-to-world pose. This is PyRep's
-    `inv([[K R^T, -K R^T C], [0, 1]]) [u z, v z, z, 1]` written without the 4x4 inverse.
+    float32 matters: PyRep multiplies this grid by the depth, so float32 depth (a live
+    simulator frame) gives float32 products and float64 depth (a stored frame) float64 ones.
     """
-    height, width = depth_m.shape
-    z = depth_m.astype(np.float64)
-    rows, cols = np.mgrid[0:height, 0:width].astype(np.float64)
-    pixels = np.stack([cols * z, rows * z, z], axis=-1)
-    camera_to_pixels = np.linalg.inv(np.asarray(intrinsics, dtype=np.float64))
-    rotation = np.asarray(extrinsics, dtype=np.float64)[:3, :3]
-    translation = np.asarray(extrinsics, dtype=np.float64)[:3, 3]
-    return pixels @ (rotation @ camera_to_pixels).T + translation
+    rows, columns = np.mgrid[0:height, 0:width]
+    return np.stack([columns, rows, np.ones_like(columns)], axis=-1).astype(np.float32)
+
+
+def projection_matrix(intrinsics: np.ndarray, extrinsics: np.ndarray) -> np.ndarray:
+    """World -> pixel 4x4 projection `[[K R^T, -K R^T C], [0, 0, 0, 1]]`, built as PyRep does.
+
+    `extrinsics = [[R, C], [0, 1]]` is the camera-to-world pose. PyRep takes `R^T` as the
+    inverse rotation though stored rotations are orthonormal only to ~1e-6 (8e-7 on the
+    real sample), so the result is not `R K^-1`'s inverse; the products below keep
+    PyRep's operand layouts (slices of the 4x4 pose) so the same BLAS paths round alike.
+    """
+    pose = np.asarray(extrinsics, dtype=np.float64)
+    camera = np.asarray(intrinsics, dtype=np.float64)
+    rotation_inverse = pose[:3, :3].T
+    centre = pose[:3, 3][None].T
+    world_to_camera = np.concatenate((rotation_inverse, -np.matmul(rotation_inverse, centre)), -1)
+    return np.concatenate([np.matmul(camera, world_to_camera), [np.array([0, 0, 0, 1])]])
+
+
+def point_cloud(depth_m: np.ndarray, intrinsics: np.ndarray, extrinsics: np.ndarray) -> np.ndarray:
+    """World-frame points (HxWx3, float64) from metric depth, with PyRep's arithmetic.
+
+    PyRep (`VisionSensor.pointcloud_from_depth_and_camera_params`, which RLBench and X-ICM
+    use for live and stored frames alike) scales the pixel grid by depth, appends a 1,
+    and applies the first three rows of the numerically inverted 4x4 projection. The
+    operations, their order and dtypes are the same here, so points agree with X-ICM's bit
+    for bit (given the same BLAS); `R K^-1 [u z, v z, z] + C`, algebraically equal, differs
+    by up to ~3e-6 m because the stored rotations are not exactly orthonormal. Pass depth
+    in the dtype the source has: float64 for stored PNGs, float32 for live frames.
+    """
+    depth = np.asarray(depth_m)
+    height, width = depth.shape
+    scaled = pixel_coordinates(height, width) * depth[..., None]
+    homogeneous = np.concatenate([scaled, np.ones((height, width, 1))], -1)
+    back_projection = np.linalg.inv(projection_matrix(intrinsics, extrinsics))[0:3]
+    flat = homogeneous.reshape(height * width, -1).transpose(1, 0)
+    world = np.matmul(back_projection, flat).transpose(1, 0)
+    return world.reshape(height, width, -1)
 
 
 def png_size(data: bytes | memoryview) -> tuple[int, int]:

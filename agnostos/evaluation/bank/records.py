@@ -19,7 +19,9 @@ from agnostos.evaluation.observation_text import DemoText, format_actions
 from agnostos.models.dynamics_diffusion import SamplingConfig
 
 BANK_FORMAT = "agnostos-demo-bank"
-BANK_VERSION = 1
+# 2: demo text from PyRep-exact float64 point clouds and each frame's own handle names
+# (version 1 text could differ by a voxel); version 1 banks are refused with "rebuild".
+BANK_VERSION = 2
 BANK_JSON = "bank.json"
 FEATURES_FILE = "features.safetensors"
 IMAGES_DIR = "images"

@@ -72,6 +72,7 @@ class DemoConfig:
     eval_episodes: int = 2
     eval_max_steps: int = 25
     eval_workers: int = 4
+    eval_top_k: int = 3
     llm: str = "smollm2"
     llm_decoding: str = "constrained"
     llm_max_new_tokens: int = 64
@@ -84,7 +85,7 @@ class DemoConfig:
         ("seen_episodes", 1), ("unseen_episodes", 1), ("image_size", 1), ("workers", 1),
         ("vae_steps", 1), ("train_steps", 1), ("batch_size", 1), ("sampling_steps", 1),
         ("top_k", 1), ("eval_episodes", 1), ("eval_max_steps", 1), ("eval_workers", 1),
-        ("llm_max_new_tokens", 1), ("llm_threads", 1),
+        ("eval_top_k", 1), ("llm_max_new_tokens", 1), ("llm_threads", 1),
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -640,7 +641,7 @@ def demo_stages(config: DemoConfig, paths: DemoPaths) -> list[Stage]:
               ("unseen_shards", "seen_shards", "train", "bank"), (paths.retrievals,),
               lambda records: retrieve(config, paths, trained(records))),
         Stage("eval",
-              {"seed": config.seed, "top_k": config.top_k, "image_size": config.image_size,
+              {"seed": config.seed, "top_k": config.eval_top_k, "image_size": config.image_size,
                "unseen_tasks": list(config.unseen_tasks or MINIBENCH.unseen),
                "episodes": config.eval_episodes, "max_steps": config.eval_max_steps,
                "llm": config.llm, "llm_decoding": config.llm_decoding,

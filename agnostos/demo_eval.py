@@ -46,7 +46,7 @@ def evaluate_xicm(
     for ranker in RANKER_ROWS:
         agent = XICMAgent(
             bank=str(bank), dynamics=trained["export"], dynamics_base=trained["base"],
-            llm=llm, ranker=ranker, top_k=config.top_k,
+            llm=llm, ranker=ranker, top_k=config.eval_top_k,
         )  # fmt: skip
         out = root / "eval" / f"xicm_{ranker}"
         callbacks: list = [ProgressBar(enabled=config.progress), VideoRecorder("front", 1)]

@@ -101,6 +101,8 @@ class LLMBackend(ABC):
     """A batched chat generator. Subclasses set `name` and implement the three methods."""
 
     name: str = "abstract"
+    sampling: SamplingSettings  # set by every backend's constructor
+    decoding: str
 
     @abstractmethod
     def generate(self, requests: Sequence[LLMRequest]) -> list[LLMReply]:
@@ -113,6 +115,19 @@ class LLMBackend(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release the model or connections; the backend is unusable afterwards."""
+
+    def reply_settings(self, model: Any) -> dict[str, Any]:
+        """The settings every backend's replies depend on: backend, model identity,
+        sampling, decoding and its grammar (backends add their own)."""
+        from agnostos.models.llm_grammar import ACTION_LIST_REGEX
+
+        return {
+            "backend": self.name,
+            "model": model,
+            "sampling": asdict(self.sampling),
+            "decoding": self.decoding,
+            "grammar": ACTION_LIST_REGEX if self.decoding == "constrained" else None,
+        }
 
     def __enter__(self) -> LLMBackend:
         return self
@@ -494,14 +509,8 @@ class TransformersBackend(LLMBackend):
         return [reply for reply in replies if reply is not None]
 
     def settings(self) -> dict[str, Any]:
-        from agnostos.models.llm_grammar import ACTION_LIST_REGEX
-
         return {
-            "backend": self.name,
-            "model": self._identity,
-            "sampling": asdict(self.sampling),
-            "decoding": self.decoding,
-            "grammar": ACTION_LIST_REGEX if self.decoding == "constrained" else None,
+            **self.reply_settings(self._identity),
             "device": self.device.split(":")[0],
             "dtype": self.dtype,
             "context": self.context,

@@ -30,7 +30,6 @@ import re
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 from typing import Any
 
 import httpx
@@ -313,11 +312,7 @@ class OpenAIBackend(LLMBackend):
 
     def settings(self) -> dict[str, Any]:
         return {
-            "backend": self.name,
-            "model": {"name": self.model, "root": self.served_root},
-            "sampling": asdict(self.sampling),
-            "decoding": self.decoding,
-            "grammar": ACTION_LIST_REGEX if self.decoding == "constrained" else None,
+            **self.reply_settings({"name": self.model, "root": self.served_root}),
             "dialect": self.dialect,
             "extra_fields": sorted(self.extra),
         }

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -208,11 +207,7 @@ class VLLMBackend(LLMBackend):
 
     def settings(self) -> dict[str, Any]:
         return {
-            "backend": self.name,
-            "model": self._identity,
-            "sampling": asdict(self.sampling),
-            "decoding": self.decoding,
-            "grammar": ACTION_LIST_REGEX if self.decoding == "constrained" else None,
+            **self.reply_settings(self._identity),
             "structured_param": self._structured[0] if self._structured else None,
             "max_model_len": self.context,
             "tensor_parallel_size": self.tensor_parallel_size,

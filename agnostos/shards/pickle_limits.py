@@ -663,23 +663,24 @@ def _entry(m: RestrictedUnpickler, value: Any, opcode: str) -> PickleGlobal:
     return value
 
 
-def _reduce(m: RestrictedUnpickler, pos: int) -> int:
+def _apply_entry(m: RestrictedUnpickler, opcode: str, construct: bool) -> None:
+    """REDUCE (`entry.call`) or NEWOBJ (`entry.new`): the allowlisted global below the
+    argument tuple on the stack is replaced by what it builds from those arguments."""
     stack = m._stack
     args = stack.pop()
-    entry = _entry(m, stack[-1], "REDUCE")
+    entry = _entry(m, stack[-1], opcode)
     if type(args) is not tuple:
-        raise ValueError("REDUCE arguments must be a tuple")
-    stack[-1] = entry.call(m, args)
+        raise ValueError(f"{opcode} arguments must be a tuple")
+    stack[-1] = entry.new(m, args) if construct else entry.call(m, args)
+
+
+def _reduce(m: RestrictedUnpickler, pos: int) -> int:
+    _apply_entry(m, "REDUCE", construct=False)
     return pos
 
 
 def _newobj(m: RestrictedUnpickler, pos: int) -> int:
-    stack = m._stack
-    args = stack.pop()
-    entry = _entry(m, stack[-1], "NEWOBJ")
-    if type(args) is not tuple:
-        raise ValueError("NEWOBJ arguments must be a tuple")
-    stack[-1] = entry.new(m, args)
+    _apply_entry(m, "NEWOBJ", construct=True)
     return pos
 
 

@@ -61,7 +61,6 @@ from agnostos.evaluation.suites import SuiteConfig, episode_folder
 from agnostos.evaluation.worker import worker_main
 from agnostos.seeding import derive_seed
 from agnostos.shards.episode import Episode
-from agnostos.shards.folders import read_episode
 
 __all__ = ["RecordWriter", "RunConfigError", "Runner", "RunnerConfig", "plan_run", "shard_keys"]
 
@@ -155,9 +154,9 @@ class _Episode:
 
     key: EpisodeKey
     level: str
-    stored: Episode
     started: float
     attempts: int
+    stored: Episode | None = None  # read by the worker, sent with the first observation
     variation: int = 0
     instruction: str = ""
     steps: int = 0
@@ -312,8 +311,7 @@ class Runner:
 
     def _start(self, worker: _Worker, key: EpisodeKey, attempt: int) -> None:
         folder = episode_folder(self.suite.test_data, key.task, key.episode)
-        stored = read_episode(folder, cameras=(), check_frames=False)
-        worker.episode = _Episode(key, self.plan.tasks[key.task], stored, time.monotonic(), attempt)
+        worker.episode = _Episode(key, self.plan.tasks[key.task], time.monotonic(), attempt)
         worker.last_task = key.task
         seed = derive_seed(key.task, key.episode, key.seed)
         worker.send(("reset", str(folder), seed), self.config.reset_timeout)
@@ -400,8 +398,9 @@ class Runner:
         elif kind == "error":
             self._finish(worker, success=False, status="error", error=(message[1], message[2]))
         elif kind == "observation":
-            _, observation, variation, instruction = message
-            episode.variation, episode.instruction = int(variation), str(instruction)
+            _, observation, episode.stored = message
+            episode.variation = int(episode.stored.variation)
+            episode.instruction = str(observation.instruction)
             episode.observation = observation
             info = EpisodeInfo(
                 episode.key, episode.level, episode.variation, episode.instruction, worker.slot
@@ -503,10 +502,11 @@ class Runner:
         assert episode is not None
         if episode.observation is not None:
             self._emit("on_step", episode.key, episode.steps, episode.observation, None)
+        stored = episode.stored
         record = EpisodeRecord(
             task=episode.key.task, level=episode.level, variation=episode.variation,
             episode=episode.key.episode, seed=episode.key.seed,
-            instruction=episode.instruction or episode.stored.instruction,
+            instruction=episode.instruction or (stored.instruction if stored else ""),
             steps=episode.steps, success=success, status=status,
             error_type=error[0] if error else None, error_message=error[1] if error else None,
             actions=episode.actions, agent_stats={},

@@ -5,7 +5,7 @@ minibench renderer needs its own GL context. The worker knows nothing about agen
 records: it resets to a stored episode and executes actions, and answers every request
 with exactly one message:
 
-    ("reset", folder, seed)  -> ("observation", Observation, variation, instruction)
+    ("reset", folder, seed)  -> ("observation", Observation, Episode)
     ("step", action)         -> ("step", StepResult)
     ("close",)               -> the process exits
 
@@ -76,7 +76,9 @@ def worker_main(
                 seed_all(seed)
                 episode = read_episode(folder, cameras=(), check_frames=False)
                 observation = env.reset_to_episode(episode)
-                conn.send(("observation", observation, episode.variation, observation.instruction))
+                # The stored episode travels back (low-dim data only, a C pickle) so the
+                # runner reads no episode pickle itself: reading one costs as much as a step.
+                conn.send(("observation", observation, episode))
             elif request[0] == "step":
                 conn.send(("step", env.step(request[1])))
             else:

@@ -53,8 +53,11 @@ def fsync_directory(directory: str | Path) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` atomically. The temp file's name holds the process id, so
+    processes writing the same file at once (evaluation shards claiming one run folder)
+    never rename each other's temp file away; the last rename wins, each one complete."""
     path = Path(path)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
     with open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()

@@ -5,7 +5,8 @@ Subcommands:
   agnostos shards verify OUT        re-hash and fully decode every shard
   agnostos shards info OUT          tasks, episodes, frames, bytes, cameras
   agnostos sim generate|render|tasks  minibench: scripted demos, scene views, task list
-  agnostos fit --config YAML ...    train the dynamics diffusion model (LightningCLI)
+  agnostos fit --config YAML ...    train the dynamics model or fine-tune a VLA (LightningCLI)
+  agnostos vla merge EXPORT --out DIR   merge a VLA's LoRA adapter into its base (CPU)
   agnostos eval --config YAML ...   evaluate an agent on stored test episodes; eval scores RUN
   agnostos bank build|info|import-pkl|export-pkl   the X-ICM demo bank
   agnostos demo [--config YAML]     the main job on minibench (see `agnostos.demo`)
@@ -339,6 +340,7 @@ _DEMO_COUNTS = (
     ("eval-episodes", "stored test episodes per unseen task for the X-ICM evaluation"),
     ("eval-max-steps", "keyframe steps per evaluation episode"),
     ("llm-max-new-tokens", "new tokens per LLM reply"),
+    ("vla-steps", "LoRA fine-tuning steps of the tiny VLA"),
 )
 
 
@@ -347,12 +349,14 @@ def _add_demo_command(subparsers: argparse._SubParsersAction) -> None:
 
     demo = subparsers.add_parser(
         "demo",
-        help="run the main job: minibench demos -> shards -> dynamics model -> bank -> "
-        "retrieval -> X-ICM evaluation",
+        help="run the main jobs: minibench demos -> shards -> dynamics model -> bank -> "
+        "retrieval -> X-ICM evaluation; VLA fine-tuning and evaluation",
         description="Generate minibench demos of the seen and unseen tasks, convert them to "
         "shards, train the tiny dynamics diffusion model, build the demo bank and report the "
         "top-K demos retrieved for every unseen-task demo, then evaluate X-ICM with the embedded "
-        "LLM on the unseen tasks. Resumes where it stopped. Settings "
+        "LLM on the unseen tasks; LoRA-fine-tune the tiny VLA on the seen shards (with rollouts "
+        "during training) and evaluate it on the same unseen tasks. Resumes where it stopped. "
+        "Settings "
         "come from --config (default configs/demo.yaml); flags override them.",
     )
     demo.add_argument(
@@ -397,7 +401,7 @@ def _demo(args: argparse.Namespace) -> int:
         for name in ("out", "seen_episodes", "unseen_episodes", "vae_steps", "train_steps",
                      "batch_size", "sampling_steps", "top_k", "workers", "seed", "ranker",
                      "seen_tasks", "unseen_tasks", "eval_episodes", "eval_max_steps",
-                     "llm", "llm_max_new_tokens")
+                     "llm", "llm_max_new_tokens", "vla_steps")
     }  # fmt: skip
     if args.no_wandb:
         overrides["wandb"] = False
@@ -413,11 +417,51 @@ def _demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_vla_commands(subparsers: argparse._SubParsersAction) -> None:
+    vla = subparsers.add_parser("vla", help="fine-tuned VLA exports")
+    commands = vla.add_subparsers(dest="vla_command", required=True)
+    merge = commands.add_parser(
+        "merge",
+        help="merge a LoRA adapter export into its base model, on the CPU",
+        description="Write a full-weight export (the base with the adapter merged in, the "
+        "processor, the codec and the model card) that `agnostos eval ... agent: vla` and "
+        "VLAPolicy.from_export read like the adapter export. Runs on the CPU, so merging a "
+        "7B model never needs a second GPU copy of it.",
+    )
+    merge.add_argument("export", type=Path, help="an adapter export folder (export/step-<N>)")
+    merge.add_argument("--out", type=Path, required=True, help="the merged export's folder")
+    merge.add_argument(
+        "--base", type=Path, default=None,
+        help="base model directory, overriding the one the export names",
+    )  # fmt: skip
+    merge.set_defaults(handler=_vla_merge)
+
+
+def _vla_merge(args: argparse.Namespace) -> int:
+    if not (args.export / "vla.json").is_file():
+        print(f"agnostos vla merge: error: {args.export} is not a VLA export (no vla.json)",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    if args.out.exists():
+        print(f"agnostos vla merge: error: --out {args.out} exists; choose a new folder",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    from agnostos.models.vla import VLAError, merge_export
+
+    try:
+        path = merge_export(args.export, args.out, base=args.base)
+    except VLAError as error:
+        print(f"agnostos vla merge: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"merged {args.export} into {path}")
+    return EXIT_OK
+
+
 def _add_fit_commands(subparsers: argparse._SubParsersAction) -> None:
     """Listed for --help only: `main` hands these arguments to LightningCLI untouched."""
     for name, text in (
-        ("fit", "train the dynamics diffusion model (LightningCLI: --config, --trainer.*, ...)"),
-        ("validate", "validate a dynamics diffusion checkpoint (LightningCLI)"),
+        ("fit", "train the dynamics model or a VLA (LightningCLI: --config, --trainer.*, ...)"),
+        ("validate", "validate a dynamics or VLA checkpoint (LightningCLI)"),
         ("eval", "evaluate an agent on stored test episodes; `eval scores RUN` prints scores"),
     ):
         subparsers.add_parser(name, help=text, add_help=False)
@@ -429,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shards_commands(subparsers)
     _add_sim_commands(subparsers)
     _add_fit_commands(subparsers)
+    _add_vla_commands(subparsers)
     add_bank_commands(subparsers)
     _add_demo_command(subparsers)
     return parser

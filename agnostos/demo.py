@@ -77,6 +77,9 @@ class DemoConfig:
     llm_decoding: str = "constrained"
     llm_max_new_tokens: int = 64
     llm_threads: int = 2
+    vla_steps: int = 120
+    vla_batch_size: int = 8
+    vla_rollout_episodes: int = 1
     wandb: bool = True
     progress: bool = True
 
@@ -85,7 +88,8 @@ class DemoConfig:
         ("seen_episodes", 1), ("unseen_episodes", 1), ("image_size", 1), ("workers", 1),
         ("vae_steps", 1), ("train_steps", 1), ("batch_size", 1), ("sampling_steps", 1),
         ("top_k", 1), ("eval_episodes", 1), ("eval_max_steps", 1), ("eval_workers", 1),
-        ("eval_top_k", 1), ("llm_max_new_tokens", 1), ("llm_threads", 1),
+        ("eval_top_k", 1), ("llm_max_new_tokens", 1), ("llm_threads", 1), ("vla_steps", 2),
+        ("vla_batch_size", 1), ("vla_rollout_episodes", 1),
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -393,8 +397,16 @@ def format_summary(records: Mapping[str, StageRecord]) -> str:
     lines.append("")
     if "eval" in records:
         from agnostos.demo_eval import format_eval_table
+        from agnostos.demo_vla import format_vla_row
 
-        lines += [*format_eval_table(records["eval"].result), ""]
+        vla = [format_vla_row(records["vla_eval"].result)] if "vla_eval" in records else []
+        lines += [*format_eval_table(records["eval"].result, vla), ""]
+    if "vla_train" in records:
+        trained = records["vla_train"].result
+        shown = ", ".join(f"{step} {value:.1f}%" if value is not None else f"{step} missing"
+                          for step, value in trained["rollouts"].items())  # fmt: skip
+        lines += [f"VLA rollouts during training ({trained['rollout_task']} success): {shown}",
+                  ""]  # fmt: skip
     ran = [f"{name} {record.seconds:.1f}" for name, record in records.items() if record.ran]
     reused = [name for name, record in records.items() if not record.ran]
     lines.append("stage seconds (this run): " + (", ".join(ran) or "none"))
@@ -607,6 +619,7 @@ def demo_stages(config: DemoConfig, paths: DemoPaths) -> list[Stage]:
     makes, so they are not part of any fingerprint.
     """
     from agnostos.demo_eval import evaluate_xicm
+    from agnostos.demo_vla import VLA_CONFIG, evaluate_vla, train_vla
     from agnostos.models.tiny import TinySpec
     from agnostos.tasks import MINIBENCH
 
@@ -648,6 +661,19 @@ def demo_stages(config: DemoConfig, paths: DemoPaths) -> list[Stage]:
                "llm_max_new_tokens": config.llm_max_new_tokens},
               ("train", "bank"), (paths.root / "eval", paths.root / "test"),
               lambda records: evaluate_xicm(config, paths.root, trained(records), paths.bank)),
+        Stage("vla_train",
+              {"config": _file_sha256(VLA_CONFIG), "steps": config.vla_steps,
+               "batch_size": config.vla_batch_size, "seed": config.seed,
+               "rollout_episodes": config.vla_rollout_episodes,
+               "max_steps": config.eval_max_steps, "image_size": config.image_size},
+              ("seen_shards",), (paths.root / "vla", paths.root / "test-seen"),
+              lambda records: train_vla(config, paths.root, paths.seen_shards)),
+        Stage("vla_eval",
+              {"seed": config.seed, "image_size": config.image_size,
+               "unseen_tasks": list(config.unseen_tasks or MINIBENCH.unseen),
+               "episodes": config.eval_episodes, "max_steps": config.eval_max_steps},
+              ("vla_train",), (paths.root / "eval" / "vla",),
+              lambda records: evaluate_vla(config, paths.root, records["vla_train"].result)),
     ]  # fmt: skip
 
 
@@ -678,6 +704,7 @@ def run_demo(config: DemoConfig) -> Path:
             "stages": {name: {**rec.as_json(), "ran": rec.ran} for name, rec in records.items()},
             "retrievals": records["retrieve"].result["retrievals"],
             "eval": records["eval"].result if "eval" in records else None,
+            "vla": records["vla_eval"].result if "vla_eval" in records else None,
         },
     )
     if config.wandb:

@@ -13,11 +13,11 @@ killed demo resumes the evaluation where it stopped.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RANKER_ROWS", "evaluate_xicm", "format_eval_table"]
+__all__ = ["RANKER_ROWS", "evaluate_xicm", "format_eval_table", "run_summary"]
 
 RANKER_ROWS = ("lang_vis_out", "random")
 
@@ -56,31 +56,36 @@ def evaluate_xicm(
             suite, agent, out, RunnerConfig(workers=config.eval_workers), callbacks,
         )  # fmt: skip
         records = runner.run()
-        table = score_records(runner.plan, records)
-        runs[ranker] = {
-            "out": str(out),
-            "level1": _level_mean(table, "level1"),
-            "level2": _level_mean(table, "level2"),
-            "all": table.overall.mean,
-            "tasks": {score.task: score.mean for score in table.tasks},
-            "episodes": len(records),
-            "errors": len(table.errors),
-            "llm_calls": sum(int(r.agent_stats.get("llm_calls", 0)) for r in records),
-            "fallbacks": sum(int(r.agent_stats.get("fallbacks", 0)) for r in records),
-        }
+        runs[ranker] = run_summary(out, score_records(runner.plan, records), records)
+        runs[ranker]["llm_calls"] = sum(int(r.agent_stats.get("llm_calls", 0)) for r in records)
+        runs[ranker]["fallbacks"] = sum(int(r.agent_stats.get("fallbacks", 0)) for r in records)
     return {
         "runs": runs, "episodes": config.eval_episodes, "max_steps": config.eval_max_steps,
         "llm": config.llm, "decoding": config.llm_decoding,
     }  # fmt: skip
 
 
-def format_eval_table(result: Mapping[str, Any]) -> list[str]:
-    """The AGNOSTOS-style rows of the eval stage: one per ranker, Level-1, Level-2, all."""
+def run_summary(out: Path, table: Any, records: Sequence[Any]) -> dict[str, Any]:
+    """One evaluation's scores for the demo's summary: levels, all, tasks, errors."""
+    return {
+        "out": str(out),
+        "level1": _level_mean(table, "level1"),
+        "level2": _level_mean(table, "level2"),
+        "all": table.overall.mean,
+        "tasks": {score.task: score.mean for score in table.tasks},
+        "episodes": len(records),
+        "errors": len(table.errors),
+    }
+
+
+def format_eval_table(result: Mapping[str, Any], extra_rows: Sequence[str] = ()) -> list[str]:
+    """The AGNOSTOS-style rows of the eval stage: one per ranker, Level-1, Level-2, all;
+    `extra_rows` (the fine-tuned VLA's) go in the same table."""
     lines = [
         f"X-ICM on minibench unseen tasks: {result['llm']}, {result['decoding']} decoding, "
         f"{result['episodes']} stored test episode(s) per task, {result['max_steps']} steps; "
         "success %:",
-        f"  {'ranker':<14} {'Level-1':>9} {'Level-2':>9} {'all':>9} {'LLM calls':>10} "
+        f"  {'agent':<14} {'Level-1':>9} {'Level-2':>9} {'all':>9} {'calls':>10} "
         f"{'fallbacks':>10} {'errors':>7}",
     ]
     for ranker, run in result["runs"].items():
@@ -89,6 +94,7 @@ def format_eval_table(result: Mapping[str, Any]) -> list[str]:
             f"  {ranker:<14} {cells[0]:>9} {cells[1]:>9} {cells[2]:>9} {run['llm_calls']:>10} "
             f"{run['fallbacks']:>10} {run['errors']:>7}"
         )
+    lines += list(extra_rows)
     lines.append("  runs: " + ", ".join(run["out"] for run in result["runs"].values()))
     return lines
 

@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from agnostos.evaluation.agents.xicm import build_user_prompt
     from agnostos.evaluation.bank import DemoBank
-    from agnostos.evaluation.observation_text import episode_demo_text
     from agnostos.evaluation.rankers import RankingQuery, make_ranker
+    from agnostos.observation_text import episode_demo_text
     from agnostos.shards.folders import read_episode
     from agnostos.tasks import MINIBENCH_OBJECT_NAMES
 

@@ -33,10 +33,10 @@ from agnostos.evaluation.bank import (
     model_resolution,
 )
 from agnostos.evaluation.bank_cli import add_bank_commands
-from agnostos.evaluation.observation_text import episode_demo_text
 from agnostos.evaluation.rankers import LangVisOutRanker, RankingBank, RankingQuery
 from agnostos.models.dynamics_diffusion import SamplingConfig
 from agnostos.models.tiny import build_tiny_base
+from agnostos.observation_text import episode_demo_text
 from agnostos.seeding import derive_seed
 from agnostos.shards.codecs import decode_png
 from agnostos.shards.convert import ConvertOptions, convert, shard_urls

@@ -258,6 +258,25 @@ def test_fit_refuses_a_folder_that_is_not_converted(tmp_path, capsys, offline_wa
     assert not root.exists()
 
 
+def test_vla_merge_refuses_a_folder_that_is_no_export(tmp_path, capsys):
+    folder, out = tmp_path / "run", tmp_path / "merged"
+    folder.mkdir()
+    assert main(["vla", "merge", str(folder), "--out", str(out)]) == 2
+    assert error_line(capsys) == (
+        f"agnostos vla merge: error: {folder} is not a VLA export (no vla.json)"
+    )
+    assert not out.exists()
+
+
+def test_vla_merge_refuses_to_overwrite(tmp_path, capsys):
+    export, out = tmp_path / "export", tmp_path / "merged"
+    export.mkdir()
+    (export / "vla.json").write_text("{}")
+    out.mkdir()
+    assert main(["vla", "merge", str(export), "--out", str(out)]) == 2
+    assert "exists; choose a new folder" in error_line(capsys)
+
+
 @pytest.mark.parametrize(
     "text",
     ["pipe:cat shards/shard-000000.tar", "shards/shard-{000000..000003}.tar",

@@ -12,6 +12,7 @@ import re
 import shutil
 import typing
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -43,11 +44,13 @@ from agnostos.datamodules.catalogue import shard_catalogue
 from agnostos.datamodules.streams import ExportRank, SeededShuffle
 from agnostos.datamodules.tar_stream import FieldSelection, read_samples
 from agnostos.images import centre_crop_resize
+from agnostos.observation_text import episode_demo_text, episode_observation_text
 from agnostos.shards.convert import ConvertOptions, convert, shard_urls
 from agnostos.shards.folders import discover_episodes, read_episode
 from agnostos.shards.manifest import Manifest
 from agnostos.shards.reading import iter_samples
 from agnostos.shards.views import FolderEpisode, ShardEpisode, keyframe_actions
+from agnostos.tasks import MINIBENCH_OBJECT_NAMES
 
 QUIET = {"show_progress": False}
 FAST = {"num_workers": 0, "shuffle_buffer": 1}
@@ -326,6 +329,154 @@ def test_token_codec_statistics_from_shards_equal_folder_statistics(
     assert loaded.codec == from_shards.codec
     batch = next(iter(from_shards.train_dataloader()))
     assert batch.actions.shape[-1] == 9 and int(batch.actions.max()) < 64
+
+
+# -- X-ICM object text -------------------------------------------------------------------------
+
+MINIBENCH_TEXT_TASKS = ("pick_up_block", "open_drawer")
+TRAIN_ALL = {**FAST, "val_episodes_per_task": 0}  # one demo per task: none held out
+
+
+def _generate_minibench(out: str) -> None:
+    """Record one demo per task (in a fresh process: MuJoCo's EGL and a later triton import
+    must not share one, see test_observation_text)."""
+    from agnostos.envs.minibench.generate import generate
+
+    generate(MINIBENCH_TEXT_TASKS, 1, out, image_size=32, progress=False)
+
+
+@pytest.fixture(scope="module")
+def minibench_demos(tmp_path_factory) -> tuple[Path, Path]:
+    """Real MuJoCo demos (simulator mask names) as folders and as all-camera shards."""
+    root = tmp_path_factory.mktemp("minibench")
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        pool.submit(_generate_minibench, str(root / "demos")).result(timeout=240)
+    convert(root / "demos", root / "shards", **QUIET)
+    return root / "demos", root / "shards"
+
+
+def _stored_episodes(root: Path) -> dict:
+    return {episode.key: episode for episode in map(read_episode, discover_episodes(root))}
+
+
+@pytest.mark.parametrize(("source", "state_frame"), [("shards", "previous_keyframe"),
+                                                     ("folders", "first")])  # fmt: skip
+def test_object_text_is_the_bank_text_of_each_state_frame(minibench_demos, source, state_frame):
+    """Each row's text is `episode_observation_text` of its state frame with its own
+    instruction (here drawn at random), computed from the episode folder; frame-0 rows with
+    the first instruction are exactly the bank's demo text of that episode."""
+    folders, shards = minibench_demos
+    episodes = _stored_episodes(folders)
+    where = {"shards": str(shards)} if source == "shards" else {"folders": str(folders)}
+    module = KeyframeDataModule(
+        **where, object_text=True, val_episodes=list(episodes), instruction="random",
+        state_frame=state_frame, batch_size=3, image_size=32, **FAST,
+    )  # fmt: skip
+    rows = 0
+    for batch in _val_batches(module):
+        assert batch.object_texts is not None and len(batch.object_texts) == len(batch)
+        for row, text in enumerate(batch.object_texts):
+            episode = episodes[batch.ids[row].split("@")[0]]
+            names = MINIBENCH_OBJECT_NAMES[episode.task]
+            frame, instruction = int(batch.state_frames[row]), batch.instructions[row]
+            assert text == episode_observation_text(
+                episode, frame, object_names=names, instruction=instruction
+            )
+            assert text.startswith(f"['instruction': {instruction}, {{'")
+            if frame == 0 and instruction == episode.instruction:
+                assert text == episode_demo_text(episode, object_names=names).observation
+            rows += 1
+    assert rows == sum(len(episode.keyframes) for episode in episodes.values())
+
+
+def test_object_text_reads_depth_and_masks_only_at_state_frames(minibench_demos, monkeypatch):
+    _folders, shards = minibench_demos
+    module = KeyframeDataModule(
+        shards=str(shards), object_text=True, object_text_cameras=["front", "overhead"],
+        cameras=["wrist"], **TRAIN_ALL,
+    )  # fmt: skip
+    module.setup("fit")
+    read, _views = module.read_stages(module.split.train)
+    entry = module.split.train[0]
+    sample = next(read({"url": entry.unit} for _ in range(1)))
+    states = sorted({0, *entry.keyframes[:-1]})
+    kinds = ("wrist_rgb", "front_depth", "front_mask", "overhead_depth", "overhead_mask")
+    assert sorted(f for f in sample if ".png" in f) == sorted(
+        f"{kind}.{frame}.png" for kind in kinds for frame in states
+    )
+    # A pinned batch keeps its texts (tensor pinning is faked: it needs an accelerator).
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda tensor: tensor.clone())
+    batch = next(iter(module.train_dataloader()))
+    pinned = batch.pin_memory()
+    assert pinned.object_texts == batch.object_texts and len(batch.object_texts) == len(batch)
+    assert torch.equal(pinned.images, batch.images) and pinned.ids == batch.ids
+
+
+def test_object_text_off_gives_none(synthetic_shards):
+    module = KeyframeDataModule(shards=str(synthetic_shards), batch_size=2, **FAST)
+    module.setup("fit")
+    assert next(iter(module.train_dataloader())).object_texts is None
+
+
+def test_object_text_inputs_the_data_cannot_serve_fail_at_setup(minibench_demos, tmp_path):
+    folders, _shards = minibench_demos
+    convert(folders, tmp_path / "two", ConvertOptions(cameras=("front", "wrist")), **QUIET)
+    module = KeyframeDataModule(shards=str(tmp_path / "two"), object_text=True, **TRAIN_ALL)
+    with pytest.raises(ValueError, match=r"^object_text_cameras: \S+ holds no left_shoulder_"
+                       r"depth, left_shoulder_mask, .*\(cameras front, wrist; "):  # fmt: skip
+        module.setup("fit")
+    narrowed = KeyframeDataModule(
+        shards=str(tmp_path / "two"), object_text=True, object_text_cameras=["front"], **TRAIN_ALL
+    )
+    narrowed.setup("fit")  # the cameras the shards hold are fine
+    with pytest.raises(ValueError, match=r"^cameras: \S+ holds no overhead_rgb frames"):
+        KeyframeDataModule(shards=str(tmp_path / "two"), cameras=["overhead"], **TRAIN_ALL).setup()
+    # Folders: a data set recorded without the overhead masks.
+    copy = tmp_path / "folders"
+    shutil.copytree(folders, copy)
+    for task in MINIBENCH_TEXT_TASKS:
+        shutil.rmtree(copy / task / "all_variations/episodes/episode0/overhead_mask")
+    module = KeyframeDataModule(folders=str(copy), object_text=True, **TRAIN_ALL)
+    with pytest.raises(ValueError, match=r"^object_text_cameras: \S+ holds no overhead_mask "
+                       r"frames \(looked in "):  # fmt: skip
+        module.setup("fit")
+
+
+def test_object_text_of_data_without_mask_names_names_the_sample(sample_shards):
+    module = KeyframeDataModule(
+        shards=str(sample_shards), object_text=True, object_names="agnostos", **TRAIN_ALL
+    )
+    module.setup("fit")
+    with pytest.raises(SampleDataError, match=r"sample 'open_drawer/all_variations/episode\d': "
+                       r"object_text needs the mask handle names"):  # fmt: skip
+        next(iter(module.train_dataloader()))
+
+
+def test_object_text_needs_one_benchmark_naming_every_task(synthetic_shards, minibench_demos):
+    with pytest.raises(ValueError, match="object_names: 'robocasa' is not a benchmark"):
+        KeyframeDataModule(shards=str(synthetic_shards), object_names="robocasa")
+    with pytest.raises(ValueError, match="object_text_cameras: unknown camera"):
+        KeyframeDataModule(shards=str(synthetic_shards), object_text_cameras=["nose"])
+    unnamed = KeyframeDataModule(shards=str(synthetic_shards), object_text=True, **FAST)
+    with pytest.raises(ValueError, match=r"object_names: no benchmark has object-name maps "
+                       r"for every task of the data \(pick_block, push_block\)"):  # fmt: skip
+        unnamed.setup("fit")
+    _folders, shards = minibench_demos
+    wrong = KeyframeDataModule(
+        shards=str(shards), object_text=True, object_names="agnostos", **TRAIN_ALL
+    )
+    with pytest.raises(ValueError, match=r"benchmark 'agnostos' has no object-name map for "
+                       r"task\(s\) pick_up_block$"):  # fmt: skip
+        wrong.setup("fit")
+    # Both benchmarks have an open_drawer: that task alone cannot pick one, the argument can.
+    drawer = {"shards": str(shards), "tasks": ["open_drawer"], "object_text": True, **TRAIN_ALL}
+    with pytest.raises(ValueError, match=r"benchmarks agnostos, minibench all have .*; set "
+                       r"object_names to agnostos or minibench"):  # fmt: skip
+        KeyframeDataModule(**drawer).setup("fit")
+    chosen = KeyframeDataModule(**drawer, object_names="minibench")
+    chosen.setup("fit")
+    assert chosen.object_name_maps == {"open_drawer": dict(MINIBENCH_OBJECT_NAMES["open_drawer"])}
 
 
 # -- sources, splits --------------------------------------------------------------------------

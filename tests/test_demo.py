@@ -18,13 +18,13 @@ pytestmark = pytest.mark.timeout(600)
 SEEN = ("push_button", "open_drawer")
 UNSEEN = ("close_drawer",)
 STAGES = ("seen_demos", "unseen_demos", "seen_shards", "unseen_shards", "base", "train",
-          "bank", "retrieve", "eval")  # fmt: skip
+          "bank", "retrieve", "eval", "vla_train", "vla_eval")  # fmt: skip
 SMALL = [
     "--seen-tasks", ",".join(SEEN), "--unseen-tasks", ",".join(UNSEEN),
     "--seen-episodes", "2", "--unseen-episodes", "1", "--vae-steps", "2",
     "--train-steps", "3", "--sampling-steps", "2", "--batch-size", "2", "--top-k", "3",
     "--eval-episodes", "1", "--eval-max-steps", "2", "--llm-max-new-tokens", "24",
-    "--no-progress",
+    "--vla-steps", "2", "--no-progress",
 ]  # fmt: skip
 
 
@@ -113,6 +113,27 @@ def test_demo_evaluates_xicm_with_both_rankers_through_the_evaluator(demo_run: P
     text = (demo_run / "summary.txt").read_text()
     assert "X-ICM on minibench unseen tasks" in text and "constrained decoding" in text
     assert "lang_vis_out" in text and "random" in text
+
+
+def test_demo_fine_tunes_the_vla_with_rollouts_and_evaluates_it_next_to_xicm(
+    demo_run: Path,
+) -> None:
+    from agnostos.evaluation.records import read_records
+    from agnostos.models.vla import VLAPolicy
+
+    trained = json.loads((demo_run / "stages" / "vla_train.json").read_text())["result"]
+    assert trained["steps"] == 2 and trained["rollout_task"] == "push_button"
+    assert list(trained["rollouts"]) == ["step-1", "step-2"]  # halfway and at the end
+    policy = VLAPolicy.from_export(trained["export"])
+    assert policy.is_lora and policy.inputs.object_text
+    result = json.loads((demo_run / "summary.json").read_text())["vla"]
+    (record,) = read_records(result["run"]["out"])
+    assert (record.task, record.episode) == ("close_drawer", 0)
+    assert record.agent_stats["model_calls"] >= 1
+    text = (demo_run / "summary.txt").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("  VLA 2 st")]
+    assert len(rows) == 1  # in the X-ICM table
+    assert "VLA rollouts during training (push_button success): step-1" in text
 
 
 def test_demo_rerun_skips_finished_stages_and_gives_the_same_retrieval(

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from agnostos.envs.protocol import CameraFrame, Observation
-from agnostos.evaluation.observation_text import (
+from agnostos.observation_text import (
     XICM_CODEC,
     DemoText,
     episode_demo_text,

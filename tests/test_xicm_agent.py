@@ -12,10 +12,10 @@ import torch
 
 from agnostos.evaluation.agents import LLMConfig, XICMAgent
 from agnostos.evaluation.agents.xicm import SYSTEM_PROMPT, build_user_prompt, conversation
-from agnostos.evaluation.observation_text import DemoText
 from agnostos.evaluation.records import read_records
 from agnostos.evaluation.runner import Runner, RunnerConfig
 from agnostos.evaluation.suites import SuiteConfig
+from agnostos.observation_text import DemoText
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -82,7 +82,7 @@ def test_unknown_mode_is_refused() -> None:
 def test_home_code_decodes_to_xicms_raised_gripper_down_pose() -> None:
     """xicm_method.md 5.3: xyz about (0.275, -0.005, 1.475), quaternion about
     (0, 0.991, 0, 0.131), gripper open, ignore_collisions 1."""
-    from agnostos.evaluation.observation_text import XICM_CODEC
+    from agnostos.observation_text import XICM_CODEC
 
     action = XICM_CODEC.decode(np.asarray([HOME_CODE]))[0]
     np.testing.assert_allclose(action[:3], [0.275, -0.005, 1.475], atol=1e-9)

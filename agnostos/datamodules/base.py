@@ -20,6 +20,8 @@ from agnostos.datamodules.catalogue import (
     CatalogueEntry,
     Split,
     folder_catalogue,
+    missing_folder_frames,
+    missing_shard_frames,
     shard_catalogue,
     split_episodes,
 )
@@ -148,6 +150,14 @@ class EpisodeDataModule(L.LightningDataModule, ABC):
     def collator(self) -> Callable[[list[Any]], Any]:
         """items -> typed batch (a module-level function: pipelines must pickle)."""
 
+    def frames_needed(self) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+        """(argument, cameras, modalities) of every kind of image frame samples read.
+
+        Setup checks each against what the data holds, naming the argument that asked for a
+        missing one; the folder reader opens the union. Default: the cameras' RGB.
+        """
+        return [("cameras", self.cameras, ("rgb",))]
+
     def samples_per_episode(
         self, frames: int | None, keyframes: Sequence[int] | None = None
     ) -> int | None:
@@ -193,6 +203,25 @@ class EpisodeDataModule(L.LightningDataModule, ABC):
 
     def setup(self, stage: str | None = None) -> None:
         self.split  # noqa: B018  (builds the catalogue and split once, with errors up front)
+        self.check_frames()
+
+    def check_frames(self) -> None:
+        """Every camera and modality samples read must be in the data: one line at setup
+        rather than a worker's traceback once the first such sample is read."""
+        entries = (*self.split.train, *self.split.val)
+        for argument, cameras, modalities in self.frames_needed():
+            if self.shards is not None:
+                source = self.shards
+                missing, held = missing_shard_frames(
+                    self.shards, self.manifest, cameras, modalities
+                )
+            else:
+                source = str(self.folders)
+                missing, held = missing_folder_frames(source, entries, cameras, modalities)
+            if missing:
+                raise ValueError(
+                    f"{argument}: {source} holds no {', '.join(missing)} frames ({held})"
+                )
 
     def read_stages(self, entries: tuple[CatalogueEntry, ...]) -> list[Any]:
         """Stages turning `{"url": unit}` dicts into episode views of `entries` only."""
@@ -205,7 +234,10 @@ class EpisodeDataModule(L.LightningDataModule, ABC):
                 TarSamples(self.fields(), Split.keys(entries), only or None),
                 ToShardEpisodes(),
             ]
-        return [ReadFolderEpisodes(str(self.folders), self.cameras)]
+        needed = self.frames_needed()
+        cameras = dict.fromkeys(camera for _, group, _ in needed for camera in group)
+        modalities = dict.fromkeys(modality for _, _, group in needed for modality in group)
+        return [ReadFolderEpisodes(str(self.folders), tuple(cameras), tuple(modalities))]
 
     def default_epoch_samples(self) -> int:
         counts = [

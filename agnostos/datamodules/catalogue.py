@@ -20,6 +20,7 @@ from webdataset.shardlists import expand_urls
 
 from agnostos.shards.folders import discover_episodes
 from agnostos.shards.manifest import MANIFEST_NAME, Manifest
+from agnostos.shards.views import location_of
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,61 @@ def _check_tasks(available: Sequence[str], tasks: Sequence[str] | None, where: s
         raise ValueError(f"{where}: no episodes for task(s) {unknown}; found {list(available)}")
 
 
+def manifest_path(shards: str, manifest: str | None = None) -> str:
+    """The manifest describing `shards`: the given one, else the shard folder's own."""
+    if manifest is not None:
+        return manifest
+    if not (Path(shards) / MANIFEST_NAME).is_file():
+        raise ValueError(
+            f"{shards}: not a converted shard folder (no {MANIFEST_NAME}); pass the "
+            "manifest path as well when the shards are given as URLs"
+        )
+    return shards
+
+
+def missing_shard_frames(
+    shards: str, manifest: str | None, cameras: Sequence[str], modalities: Sequence[str]
+) -> tuple[list[str], str]:
+    """The `<camera>_<modality>` image kinds of `cameras` x `modalities` the shards lack,
+    and what they hold, from the manifest (what conversion kept for every episode)."""
+    loaded = Manifest.load(manifest_path(shards, manifest))
+    missing = [
+        f"{camera}_{modality}"
+        for camera in cameras
+        for modality in modalities
+        if camera not in loaded.cameras or modality not in loaded.modalities
+    ]
+    held = f"cameras {', '.join(loaded.cameras)}; modalities {', '.join(loaded.modalities)}"
+    return missing, held
+
+
+def missing_folder_frames(
+    root: str,
+    entries: Sequence[CatalogueEntry],
+    cameras: Sequence[str],
+    modalities: Sequence[str],
+) -> tuple[list[str], str]:
+    """The `<camera>_<modality>` image folders of `cameras` x `modalities` missing from the
+    first episode of any task, and where they were looked for.
+
+    One episode per task: a data set is generated with one camera set, and the reader
+    still checks every episode's folders (with their frame counts) when it opens them.
+    """
+    firsts: dict[str, CatalogueEntry] = {}
+    for entry in entries:
+        firsts.setdefault(entry.task, entry)
+    missing: dict[str, None] = {}
+    looked = []
+    for entry in firsts.values():
+        folder = location_of(root, entry.key).path
+        looked.append(str(folder))
+        for camera in cameras:
+            for modality in modalities:
+                if not (folder / f"{camera}_{modality}").is_dir():
+                    missing[f"{camera}_{modality}"] = None
+    return list(missing), f"looked in {', '.join(looked[:2])}{' ...' if len(looked) > 2 else ''}"
+
+
 def shard_catalogue(
     shards: str, manifest: str | None = None, tasks: Sequence[str] | None = None
 ) -> list[CatalogueEntry]:
@@ -96,13 +152,7 @@ def shard_catalogue(
     manifest's shards select those shards.
     """
     folder = Path(shards)
-    if manifest is None:
-        if not (folder / MANIFEST_NAME).is_file():
-            raise ValueError(
-                f"{shards}: not a converted shard folder (no {MANIFEST_NAME}); pass the "
-                "manifest path as well when the shards are given as URLs"
-            )
-        manifest = str(folder)
+    manifest = manifest_path(shards, manifest)
     loaded = Manifest.load(manifest)
     if (folder / MANIFEST_NAME).is_file():
         urls = {shard.name: str(folder / shard.name) for shard in loaded.shards}

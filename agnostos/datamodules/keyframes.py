@@ -8,14 +8,20 @@ padded with the last action and marked in `action_mask`.
 
 Each sample carries the RGB images of the chosen cameras at the state frame, proprio
 (gripper pose xyz + quaternion xyzw and gripper open, at the state frame), the instruction,
-the continuous 9-dim target actions and their codes through the chosen action codec.
+the continuous 9-dim target actions and their codes through the chosen action codec, and
+optionally X-ICM's object-coordinate text of the state frame (`object_text=True`): the
+published Qwen2.5-VL AGNOSTOS baseline shows its VLA that text. It is made by
+`agnostos.observation_text.episode_observation_text`, the function behind the demo bank's
+text and (through `frame_observation_text`) the X-ICM agent's query text, so training,
+demo and query text can only differ where their inputs do.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,6 +34,7 @@ from agnostos.datamodules.catalogue import CatalogueEntry, Split
 from agnostos.datamodules.dynamics import decode_frame
 from agnostos.datamodules.streams import StreamState
 from agnostos.datamodules.tar_stream import FieldSelection, TarSamples
+from agnostos.observation_text import DEFAULT_CAMERAS, episode_observation_text
 from agnostos.shards.episode import CAMERAS
 from agnostos.shards.samples import JSON_EXT, LOW_DIM_EXT, frame_ext
 from agnostos.shards.views import (
@@ -38,12 +45,15 @@ from agnostos.shards.views import (
     keyframe_action,
     keyframe_actions,
 )
+from agnostos.tasks import SUITES, get_suite
 
 log = logging.getLogger(__name__)
 
 StateFrame = Literal["previous_keyframe", "first"]
 CodecName = Literal["xicm", "token_bins"]
 PROPRIO_DIM = 8
+# What X-ICM's object text reads of a camera: its masks, and its depth for the points.
+TEXT_MODALITIES: tuple[str, ...] = ("depth", "mask")
 
 
 def keyframe_transitions(
@@ -78,6 +88,7 @@ class KeyframeSpec:
     codes: np.ndarray  # (chunk, code_size) int64
     mask: np.ndarray  # (chunk,) bool, False on padding
     pngs: tuple[bytes, ...] = field(repr=False)
+    object_text: str | None = None  # X-ICM's text of the state frame (object_text=True)
 
     @property
     def id(self) -> str:
@@ -94,8 +105,51 @@ def proprio_at(view: EpisodeView, frame: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class ObjectText:
+    """X-ICM's object-coordinate text of stored frames, as the demo bank writes it.
+
+    `object_names` maps each task to its `{simulator name: prompt name}` map (plain dicts:
+    the suites' read-only maps do not pickle into spawned workers).
+    """
+
+    cameras: tuple[str, ...]
+    object_names: Mapping[str, Mapping[str, str]]
+
+    def __call__(self, view: EpisodeView, frame: int, instruction: str) -> str:
+        """The text of `frame`; decodes only those cameras' depth and mask PNGs there."""
+        names = self.object_names.get(view.task)
+        if names is None:
+            raise SampleDataError(
+                f"{view.origin}: sample '{view.key}': no object-name map for task {view.task!r}"
+            )
+        episode = view.as_episode(self.cameras)
+        if not any(episode.mask_names.get(camera) for camera in self.cameras):
+            raise SampleDataError(
+                f"{view.origin}: sample '{view.key}': object_text needs the mask handle names "
+                "(misc['<camera>_mask_id_to_name']), which this episode does not store "
+                "(PerAct/X-ICM-fork data); turn object_text off for this data"
+            )
+        try:
+            return episode_observation_text(
+                episode,
+                frame,
+                object_names=names,
+                cameras=self.cameras,
+                instruction=instruction,
+            )
+        except SampleDataError:
+            raise
+        except (KeyError, ValueError, IndexError) as error:
+            reason = error.args[0] if isinstance(error, KeyError) and error.args else error
+            raise SampleDataError(
+                f"{view.origin}: sample '{view.key}': object text of frame {frame}: {reason}"
+            ) from error
+
+
+@dataclass(frozen=True)
 class ExpandKeyframes:
-    """Pipeline stage: episode views -> `KeyframeSpec`s (codes computed, no pixels decoded)."""
+    """Pipeline stage: episode views -> `KeyframeSpec`s (codes computed, no pixels decoded;
+    with `object_text`, the text of each state frame, which decodes its depth and masks)."""
 
     cameras: tuple[str, ...]
     state_frame: StateFrame
@@ -103,9 +157,12 @@ class ExpandKeyframes:
     instruction: Literal["first", "random"]
     codec: ActionCodec
     state: StreamState
+    object_text: ObjectText | None = None
 
     def specs(self, view: EpisodeView) -> list[KeyframeSpec]:
         specs = []
+        # state_frame="first" gives every transition frame 0: its text is made once.
+        texts: dict[tuple[int, str], str] = {}
         for state, targets in keyframe_transitions(view.keyframes, self.state_frame, self.chunk):
             padded = targets + (targets[-1],) * (self.chunk - len(targets))
             actions = np.stack([keyframe_action(view, frame) for frame in padded])
@@ -113,6 +170,11 @@ class ExpandKeyframes:
             if self.instruction == "random":
                 rng = random.Random(self.state.sample_seed(view.key, state, targets[0]))
                 instruction = rng.choice(view.descriptions)
+            text = None
+            if self.object_text is not None:
+                if (state, instruction) not in texts:
+                    texts[state, instruction] = self.object_text(view, state, instruction)
+                text = texts[state, instruction]
             specs.append(
                 KeyframeSpec(
                     key=view.key,
@@ -127,6 +189,7 @@ class ExpandKeyframes:
                     codes=self.codec.encode(actions),
                     mask=np.arange(self.chunk) < len(targets),
                     pngs=tuple(view.png(camera, "rgb", state) for camera in self.cameras),
+                    object_text=text,
                 )
             )
         return specs
@@ -165,7 +228,9 @@ class KeyframeBatch:
     (gripper xyz, quaternion xyzw, open) at the state frame; instructions: B strings;
     actions: B x chunk x code_size int64 codes; action_values: B x chunk x 9 float32
     continuous targets; action_mask: B x chunk bool (False on chunk padding);
-    ids: `<key>@<state>-><keyframes>`; state_frames: B; target_frames: B x chunk.
+    ids: `<key>@<state>-><keyframes>`; state_frames: B; target_frames: B x chunk;
+    object_texts: B strings, X-ICM's object-coordinate text of each state frame with the
+    row's instruction (None unless the datamodule has `object_text=True`).
     """
 
     images: torch.Tensor
@@ -179,18 +244,20 @@ class KeyframeBatch:
     tasks: list[str]
     state_frames: torch.Tensor
     target_frames: torch.Tensor
+    object_texts: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def pin_memory(self) -> KeyframeBatch:
-        """Called by the DataLoader when pin_memory=True."""
-        return KeyframeBatch(
-            self.images.pin_memory(), self.cameras, self.proprio.pin_memory(),
-            self.instructions, self.actions.pin_memory(), self.action_values.pin_memory(),
-            self.action_mask.pin_memory(), self.ids, self.tasks,
-            self.state_frames.pin_memory(), self.target_frames.pin_memory(),
-        )  # fmt: skip
+        """Called by the DataLoader when pin_memory=True: pins every tensor field and keeps
+        the rest (strings, camera names) as they are."""
+        pinned = {
+            item.name: getattr(self, item.name).pin_memory()
+            for item in dataclasses.fields(self)
+            if isinstance(getattr(self, item.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, **pinned)
 
 
 def collate_keyframes(items: list[KeyframeItem]) -> KeyframeBatch:
@@ -207,6 +274,9 @@ def collate_keyframes(items: list[KeyframeItem]) -> KeyframeBatch:
         tasks=[spec.task for spec in specs],
         state_frames=torch.tensor([spec.state_frame for spec in specs], dtype=torch.int64),
         target_frames=torch.tensor([spec.target_frames for spec in specs], dtype=torch.int64),
+        object_texts=None
+        if specs[0].object_text is None
+        else [str(spec.object_text) for spec in specs],
     )
 
 
@@ -232,6 +302,18 @@ class KeyframeDataModule(EpisodeDataModule):
         action_stats: JSON file of `ActionStats` for the token codec; when absent the
             statistics are computed from the training episodes at setup (low-dim data only)
             and kept in `self.stats`, so they can be saved with the model.
+        object_text: add X-ICM's object-coordinate text of each state frame
+            (`KeyframeBatch.object_texts`), as the published Qwen2.5-VL AGNOSTOS baseline
+            prompts its VLA. Each sample then also reads those cameras' depth and mask PNGs
+            at its state frame, and the episodes must store mask handle names (RLBench's
+            `<camera>_mask_id_to_name`, minibench's; not the PerAct-fork data).
+        object_text_cameras: cameras whose masks and point clouds place the objects
+            (default: X-ICM's five, what the demo bank and the X-ICM agent use; the text
+            of a sample and of a demo agree only with the same cameras).
+        object_names: the benchmark whose object-name maps name the objects ("agnostos"
+            or "minibench"; default: the one benchmark with a map for every task in the
+            data; task names recur across benchmarks, so several is an error asking for
+            this argument).
         **kwargs: the data source, split, batching and seed arguments of
             `EpisodeDataModule` (shards, batch_size, image_size, instruction, ...).
 
@@ -252,6 +334,9 @@ class KeyframeDataModule(EpisodeDataModule):
         token_bins: int = 256,
         token_bounds: Literal["q01_q99", "minmax"] = "q01_q99",
         action_stats: str | None = None,
+        object_text: bool = False,
+        object_text_cameras: list[str] | None = None,
+        object_names: str | None = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -259,6 +344,19 @@ class KeyframeDataModule(EpisodeDataModule):
         unknown = [camera for camera in chosen if camera not in CAMERAS]
         if unknown or not chosen:
             raise ValueError(f"unknown camera(s) {unknown}; choose from {list(CAMERAS)}")
+        text_cameras = (
+            tuple(object_text_cameras) if object_text_cameras is not None else DEFAULT_CAMERAS
+        )
+        unknown = [camera for camera in text_cameras if camera not in CAMERAS]
+        if unknown or not text_cameras:
+            raise ValueError(
+                f"object_text_cameras: unknown camera(s) {unknown}; choose from {list(CAMERAS)}"
+            )
+        if object_names is not None and object_names not in SUITES:
+            raise ValueError(
+                f"object_names: {object_names!r} is not a benchmark with object-name maps; "
+                f"choose one of {', '.join(sorted(SUITES))}"
+            )
         if codec not in ("xicm", "token_bins"):
             raise ValueError(f"codec must be 'xicm' or 'token_bins', not {codec!r}")
         keyframe_transitions((), state_frame, chunk)  # validates state_frame and chunk
@@ -272,15 +370,32 @@ class KeyframeDataModule(EpisodeDataModule):
         self.action_stats_path = action_stats
         self.stats: ActionStats | None = None
         self._codec: ActionCodec | None = None
+        self.object_text = object_text
+        self.object_text_cameras = text_cameras
+        self.object_names = object_names
+        self._object_name_maps: dict[str, dict[str, str]] | None = None
 
     @property
     def cameras(self) -> tuple[str, ...]:
         return self._cameras
 
+    def _text_frames(self) -> list[tuple[str, str]]:
+        """(camera, modality) of the frames the object text reads (none when it is off)."""
+        if not self.object_text:
+            return []
+        return [(camera, modality) for camera in self.object_text_cameras
+                for modality in TEXT_MODALITIES]  # fmt: skip
+
+    def frames_needed(self) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+        needed = super().frames_needed()
+        if self.object_text:
+            needed.append(("object_text_cameras", self.object_text_cameras, TEXT_MODALITIES))
+        return needed
+
     def fields(self) -> FieldSelection:
-        return FieldSelection(
-            frozenset({JSON_EXT, LOW_DIM_EXT}), tuple(f"{camera}_rgb." for camera in self.cameras)
-        )
+        prefixes = [f"{camera}_rgb." for camera in self.cameras]
+        prefixes += [f"{camera}_{modality}." for camera, modality in self._text_frames()]
+        return FieldSelection(frozenset({JSON_EXT, LOW_DIM_EXT}), tuple(prefixes))
 
     def samples_per_episode(
         self, frames: int | None, keyframes: Sequence[int] | None = None
@@ -290,11 +405,14 @@ class KeyframeDataModule(EpisodeDataModule):
     def exact_fields(
         self, frames: int | None, keyframes: Sequence[int] | None = None
     ) -> frozenset[str] | None:
-        """Metadata, low-dim arrays and the chosen cameras' images at the state frames."""
+        """Metadata, low-dim arrays and the chosen cameras' images at the state frames (and
+        the object-text cameras' depth and masks there)."""
         if keyframes is None:
             return None
         states = {state for state, _ in keyframe_transitions(keyframes, self.state_frame)}
-        images = {frame_ext(camera, "rgb", state) for camera in self.cameras for state in states}
+        kinds = [(camera, "rgb") for camera in self.cameras] + self._text_frames()
+        images = {frame_ext(camera, modality, state)
+                  for camera, modality in kinds for state in states}  # fmt: skip
         return frozenset({JSON_EXT, LOW_DIM_EXT, *images})
 
     def low_dim_views(self, entries: Sequence[CatalogueEntry]) -> Iterator[EpisodeView]:
@@ -323,13 +441,51 @@ class KeyframeDataModule(EpisodeDataModule):
         log.info("action statistics from %d training keyframe actions", stats.count)
         return stats
 
+    @property
+    def object_name_maps(self) -> dict[str, dict[str, str]]:
+        """task -> {simulator name: prompt name} for every task of the data (see
+        `object_names`); an error names the tasks no map covers."""
+        if self._object_name_maps is None:
+            tasks = list(dict.fromkeys(e.task for e in (*self.split.train, *self.split.val)))
+            if self.object_names is not None:
+                suite = self.object_names
+            else:
+                covering = [name for name, candidate in SUITES.items()
+                            if all(task in candidate.object_names for task in tasks)]  # fmt: skip
+                if len(covering) != 1:
+                    which = "no benchmark has" if not covering else (
+                        f"benchmarks {', '.join(covering)} all have"
+                    )  # fmt: skip
+                    raise ValueError(
+                        f"object_names: {which} object-name maps for every task of the data "
+                        f"({', '.join(tasks)}); set object_names to "
+                        f"{' or '.join(covering or sorted(SUITES))}"
+                    )
+                suite = covering[0]
+            maps = get_suite(suite).object_names
+            unnamed = [task for task in tasks if task not in maps]
+            if unnamed:
+                raise ValueError(
+                    f"object_names: benchmark {suite!r} has no object-name map for task(s) "
+                    f"{', '.join(unnamed)}"
+                )
+            self._object_name_maps = {task: dict(maps[task]) for task in tasks}
+        return self._object_name_maps
+
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
         self.codec  # noqa: B018  (statistics are computed once, before any loader forks)
+        if self.object_text:
+            self.object_name_maps  # noqa: B018  (a task without a map fails here, not in a worker)
 
     def expander(self, state: StreamState) -> ExpandKeyframes:
+        text = (
+            ObjectText(self.object_text_cameras, self.object_name_maps)
+            if self.object_text
+            else None
+        )
         return ExpandKeyframes(
-            self.cameras, self.state_frame, self.chunk, self.instruction, self.codec, state
+            self.cameras, self.state_frame, self.chunk, self.instruction, self.codec, state, text
         )
 
     def decoder(self) -> DecodeKeyframes:

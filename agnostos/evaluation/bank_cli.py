@@ -46,7 +46,7 @@ def _fail(command: str, error: BaseException) -> int:
 
 def add_bank_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add `bank build|info|import-pkl|export-pkl` to an `agnostos` subparser set."""
-    from agnostos.evaluation.observation_text import DEFAULT_CAMERAS
+    from agnostos.observation_text import DEFAULT_CAMERAS
     from agnostos.shards.episode import CAMERAS
     from agnostos.tasks import SUITES
 

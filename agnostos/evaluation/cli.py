@@ -5,7 +5,7 @@
     agnostos eval scores RUN [RUN ...] [--compare published]
 
 The config is the whole evaluation (jsonargparse): `suite` (`SuiteConfig`), `agent` (a
-class path with `init_args`, or a short name: replay, noop, custom), `runner`
+class path with `init_args`, or a short name: replay, noop, custom, xicm, vla), `runner`
 (`RunnerConfig`), `report` (`ReportConfig`: progress bar, videos, W&B), `callbacks` (more
 `EvalCallback`s by class path), `out`, `shard`, `overwrite`. Flags override it.
 
@@ -86,7 +86,10 @@ def build_parser() -> Any:
     parser.add_argument("--config", action=ActionConfigFile, help="evaluation YAML")
     parser.add_class_arguments(SuiteConfig, "suite", help="the suite of test episodes")
     parser.add_subclass_arguments(
-        Agent, "agent", required=True, help="the agent: replay, noop, custom or a class path"
+        Agent,
+        "agent",
+        required=True,
+        help="the agent: replay, noop, custom, xicm, vla or a class path",
     )
     parser.add_class_arguments(RunnerConfig, "runner", help="worker processes and limits")
     parser.add_class_arguments(ReportConfig, "report", help="progress, videos and W&B")

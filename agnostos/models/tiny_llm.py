@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["CHAT_TEMPLATE", "TRAINING_TEXT", "build_tiny_llm"]
+__all__ = ["CHAT_TEMPLATE", "TRAINING_TEXT", "build_tiny_llm", "byte_level_bpe"]
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -32,7 +32,20 @@ TRAINING_TEXT = (
 )
 
 
-def _tokenizer(vocab_size: int, texts: tuple[str, ...]):
+def byte_level_bpe(
+    texts: tuple[str, ...] | list[str],
+    vocab_size: int,
+    special_tokens: list[str] | tuple[str, ...] = tuple(SPECIAL_TOKENS),
+    eos_token: str = "<|im_end|>",
+    pad_token: str = "<|endoftext|>",
+    chat_template: str | None = CHAT_TEMPLATE,
+):
+    """A byte-level BPE tokenizer trained offline on `texts` (well under a second).
+
+    The special tokens take the first ids, in the order given; the trainer stops early when
+    the texts have no more pairs to merge, so the vocabulary can end up below `vocab_size`.
+    Shared by the tiny chat LLM here and the tiny VLAs of `tiny_vla.py`.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -41,15 +54,16 @@ def _tokenizer(vocab_size: int, texts: tuple[str, ...]):
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+        tokenizer_object=backend, eos_token=eos_token, pad_token=pad_token
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     return tokenizer
 
 
@@ -73,7 +87,7 @@ def build_tiny_llm(
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     out = Path(directory)
-    tokenizer = _tokenizer(vocab_size, texts)
+    tokenizer = byte_level_bpe(texts, vocab_size)
     config = Qwen2Config(
         vocab_size=len(tokenizer) + padded_vocab, hidden_size=hidden_size,
         intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4,

@@ -9,12 +9,14 @@ bytes without copying or decoding them. Building a full `agnostos.shards.Episode
 (`sample_to_episode`) would parse every array and index every frame of every camera.
 `FolderEpisode` wraps the `Episode` that `read_episode` builds from a folder. Both answer
 the same questions with the same values, which the tests check against the Episode API.
+Code written against the Episode API itself (X-ICM's observation text) gets one from
+`as_episode`, a shallow one over the same bytes for shard samples.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -22,7 +24,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from agnostos.shards.episode import Episode
+from agnostos.shards.episode import (
+    CORE_LOW_DIM_FIELDS,
+    MODALITIES,
+    CameraParams,
+    Episode,
+    LowDim,
+)
 from agnostos.shards.folders import EpisodeError, EpisodeLocation, read_episode
 from agnostos.shards.pickles import PickleReadError, PickleRefusedError
 from agnostos.shards.samples import (
@@ -32,6 +40,8 @@ from agnostos.shards.samples import (
     frame_ext,
     load_json,
 )
+
+_CAMERA_PARTS = ("intrinsics", "extrinsics", "near", "far")
 
 _EPISODE_PREFIX = "episode"
 
@@ -56,6 +66,8 @@ class EpisodeView(Protocol):
 
     def low_dim(self, name: str) -> np.ndarray | None: ...
 
+    def as_episode(self, cameras: Sequence[str]) -> Episode: ...
+
 
 class ShardEpisode:
     """An episode view over a raw WebDataset sample (bytes per field)."""
@@ -75,6 +87,8 @@ class ShardEpisode:
             self.descriptions: tuple[str, ...] = tuple(meta["descriptions"])
             self.num_frames: int = int(meta["num_frames"])
             self.keyframes: tuple[int, ...] = tuple(int(k) for k in meta["keyframes"])
+            self._mask_names = meta.get("mask_names", {})
+            self._variation_folder = str(meta.get("variation_folder", "all_variations"))
         except KeyError as err:
             raise SampleDataError(f"{self._where}: missing field {err}") from None
         except (ValueError, TypeError, AttributeError) as err:
@@ -117,6 +131,57 @@ class ShardEpisode:
                 ) from err
         self._loaded[name] = value
         return value
+
+    def as_episode(self, cameras: Sequence[str]) -> Episode:
+        """An `Episode` over this sample's frames of `cameras`, for code written against
+        the Episode API (X-ICM's observation text); nothing is decoded until asked for.
+
+        It holds the four core low-dim arrays, the cameras' parameters and mask names, and
+        serves each camera's rgb, depth and mask PNGs from the sample (a member the reader
+        did not fetch is a `SampleDataError` naming it).
+        """
+        arrays = {}
+        for name in CORE_LOW_DIM_FIELDS:
+            value = self.low_dim(name)
+            if value is None:
+                raise SampleDataError(f"{self._where}: no low-dim array '{name}'")
+            arrays[name] = value
+        params = {}
+        for camera in cameras:
+            parts = {part: self.low_dim(f"{camera}_camera_{part}") for part in _CAMERA_PARTS}
+            if any(value is None for value in parts.values()):
+                raise SampleDataError(f"{self._where}: no camera parameters for '{camera}'")
+            params[camera] = CameraParams(**parts)
+        return Episode(
+            task=self.task,
+            variation=self.variation,
+            episode=self.episode,
+            descriptions=self.descriptions,
+            num_frames=self.num_frames,
+            low_dim=LowDim.from_arrays(arrays),
+            cameras=params,
+            mask_names={
+                camera: {int(handle): name for handle, name in names.items()}
+                for camera, names in self._mask_names.items()
+            },
+            random_state=None,
+            keyframes=self.keyframes,
+            image_cameras=tuple(cameras),
+            modalities=MODALITIES,
+            frames=_ViewFrames(self),
+            source=self.origin,
+            variation_folder=self._variation_folder,
+        )
+
+
+@dataclass(frozen=True)
+class _ViewFrames:
+    """`FrameStore` over a view's PNG bytes."""
+
+    view: ShardEpisode
+
+    def read(self, camera: str, modality: str, index: int) -> bytes:
+        return self.view.png(camera, modality, index)
 
 
 @dataclass(frozen=True)
@@ -164,6 +229,10 @@ class FolderEpisode:
 
     def low_dim(self, name: str) -> np.ndarray | None:
         return self.data.low_dim.arrays().get(name)
+
+    def as_episode(self, cameras: Sequence[str]) -> Episode:
+        """The `Episode` itself (it serves the cameras and modalities the reader checked)."""
+        return self.data
 
 
 def location_of(root: str | Path, key: str) -> EpisodeLocation:

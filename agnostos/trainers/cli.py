@@ -1,13 +1,18 @@
-"""`agnostos fit`: LightningCLI for the dynamics diffusion model.
+"""`agnostos fit`: LightningCLI for the dynamics diffusion model and for VLA fine-tuning.
 
     agnostos fit --config configs/dynamics/tiny.yaml --data.shards DIR --trainer.max_steps=20
     agnostos fit --config configs/dynamics/tiny.yaml --data.shards DIR --ckpt_path last
     agnostos fit validate --config ... --ckpt_path last
+    agnostos fit --config configs/vla/tiny.yaml --data.shards DIR
 
-The model is `DynamicsDiffusionModule` (`--model.*`), the data `DynamicsDataModule`
-(`--data.*`), the Trainer `--trainer.*`; two callbacks have their own groups:
-`--checkpoint.*` (Lightning's ModelCheckpoint, for resuming) and `--export.*`
-(`DiffusersExport`, the `checkpoint-<step>/unet/` folders X-ICM loads).
+Which job a command runs is read from its config: a `model:` section with a `backbone`
+key is a VLA (`VLAModule` over `KeyframeDataModule`), any other the dynamics model
+(`DynamicsDiffusionModule` over `DynamicsDataModule`). The Trainer is `--trainer.*`; two
+callbacks have their own groups: `--checkpoint.*` (Lightning's ModelCheckpoint, for
+resuming) and `--export.*` (`DiffusersExport`, the `checkpoint-<step>/unet/` folders X-ICM
+loads; `VLAExport`, the `step-<N>/` adapter folders the VLA agent loads). Evaluation
+during VLA training is one more callback in `trainer.callbacks` (`RolloutEvaluation`,
+named by class path, so training code never imports the evaluator).
 
 Run-directory defaults, all under `trainer.default_root_dir` unless set explicitly:
 `checkpoints/` (ModelCheckpoint; `--ckpt_path last` finds `last.ckpt` there), `export/`,
@@ -33,10 +38,11 @@ from agnostos.shards.manifest import MANIFEST_NAME
 from agnostos.trainers.callbacks import DiffusersExport
 from agnostos.trainers.dynamics import TINY_BASE, DynamicsDiffusionModule
 
-__all__ = ["DynamicsCLI", "FitConfigError", "check_paths", "local_path", "run_fit"]
+__all__ = ["VLACLI", "DynamicsCLI", "FitConfigError", "check_paths", "local_path", "run_fit"]
 
 SUBCOMMANDS = ("fit", "validate")
 DEFAULT_ROOT = "runs/dynamics"
+VLA_ROOT = "runs/vla"
 CHECKPOINT_DIR = "checkpoints"
 TINY_DIR = "tiny-base"
 
@@ -76,6 +82,17 @@ def check_paths(config: Any) -> None:
     # a `class_path` node keeps its settings in init_args
     model = _init_args(config.model) or config.model
     data = _init_args(config.data) or config.data
+    backbone = getattr(model, "backbone", None)
+    if backbone is not None:
+        from agnostos.models.tiny_vla import TINY_BACKBONES
+        from agnostos.models.vla import VLAError
+        from agnostos.models.vla_backbones import make_backbone, resolve_model_dir
+
+        if backbone not in TINY_BACKBONES:
+            try:  # the model type too: an unsupported backbone fails here, not at step 0
+                make_backbone(resolve_model_dir(backbone))
+            except VLAError as error:
+                raise FitConfigError(f"model.backbone: {error}") from None
     base = getattr(model, "base", None)
     if base is not None and base != TINY_BASE and not Path(base).exists():
         raise FitConfigError(
@@ -117,6 +134,8 @@ def check_paths(config: Any) -> None:
 class DynamicsCLI(LightningCLI):
     """LightningCLI with run-directory defaults and errors that name the bad setting."""
 
+    default_root = DEFAULT_ROOT
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {name: LightningCLI.subcommands()[name] for name in SUBCOMMANDS}
@@ -145,12 +164,12 @@ class DynamicsCLI(LightningCLI):
         check_paths(config)
         trainer = config.trainer
         if trainer.default_root_dir is None:
-            trainer.default_root_dir = DEFAULT_ROOT
+            trainer.default_root_dir = self.default_root
         root = Path(trainer.default_root_dir)
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(root / CHECKPOINT_DIR)
         model = config.model
-        if model.base == TINY_BASE and model.tiny_dir is None:
+        if getattr(model, "base", None) == TINY_BASE and model.tiny_dir is None:
             model.tiny_dir = str(root / TINY_DIR)
         loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
         for logger in loggers:
@@ -164,6 +183,65 @@ class DynamicsCLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, FileNotFoundError, FileExistsError) as error:
             raise FitConfigError(str(error)) from error
+        # A camera or modality the data does not hold: one line naming the key now, not a
+        # traceback from the datamodule's setup once the Trainer runs.
+        data = self.datamodule
+        if callable(getattr(data, "check_frames", None)):
+            try:
+                data.split  # noqa: B018  (the catalogue; its errors name their key)
+            except ValueError as error:
+                raise FitConfigError(str(error)) from error
+            try:
+                data.check_frames()
+            except ValueError as error:
+                raise FitConfigError(f"data.{error}") from error
+
+
+class VLACLI(DynamicsCLI):
+    """The same CLI for `VLAModule`: its export group is `VLAExport`."""
+
+    default_root = VLA_ROOT
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        from agnostos.trainers.vla_export import VLAExport
+
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 1,
+                "checkpoint.every_n_epochs": 1,
+                "checkpoint.save_on_train_epoch_end": True,
+            }
+        )
+        parser.add_lightning_class_args(VLAExport, "export")
+
+
+def config_job(argv: list[str]) -> str:
+    """ "vla" when the command's config describes a VLA (a `model.backbone` key in a
+    `--config` file or on the command line), else "dynamics"."""
+    import yaml
+
+    for position, arg in enumerate(argv):
+        if arg.startswith("--model.backbone"):
+            return "vla"
+        path = None
+        if arg == "--config" and position + 1 < len(argv):
+            path = argv[position + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        if path is None or not Path(path).is_file():
+            continue  # LightningCLI names a missing config itself
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError:
+            continue
+        model = loaded.get("model") if isinstance(loaded, dict) else None
+        if isinstance(model, dict):
+            keys = set(model) | set(model.get("init_args") or {})
+            if "backbone" in keys:
+                return "vla"
+    return "dynamics"
 
 
 def _cli_args(argv: list[str], subcommand: str) -> list[str]:
@@ -189,14 +267,25 @@ def run_fit(argv: list[str], subcommand: str = "fit") -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # The frozen VAE and text encoder stay in eval mode on purpose.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    refused: tuple[type[Exception], ...] = (FitConfigError,)
+    if config_job(argv) == "vla":
+        from agnostos.datamodules.keyframes import KeyframeDataModule
+        from agnostos.models.vla import VLAError
+        from agnostos.trainers.vla import VLAModule
+
+        cli, module, data, root = VLACLI, VLAModule, KeyframeDataModule, VLA_ROOT
+        refused = (FitConfigError, VLAError)  # VLAError: found when the model is built
+    else:
+        cli, module, data = DynamicsCLI, DynamicsDiffusionModule, DynamicsDataModule
+        root = DEFAULT_ROOT
     try:
-        DynamicsCLI(
-            DynamicsDiffusionModule,
-            DynamicsDataModule,
+        cli(
+            module,
+            data,
             args=_cli_args(argv, subcommand),
             save_config_kwargs={"overwrite": True},
             trainer_defaults={
-                "default_root_dir": DEFAULT_ROOT,
+                "default_root_dir": root,
                 "reload_dataloaders_every_n_epochs": 1,
             },
             seed_everything_default=0,
@@ -205,7 +294,7 @@ def run_fit(argv: list[str], subcommand: str = "fit") -> int:
     except SystemExit as stop:
         code = stop.code
         return code if isinstance(code, int) else (0 if code is None else 1)
-    except FitConfigError as error:
+    except refused as error:
         print(f"agnostos fit: error: {error}", file=sys.stderr)
         return 2
     finally:

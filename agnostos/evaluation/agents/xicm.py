@@ -302,7 +302,7 @@ class XICMAgent(QueuedAgent):
         ]
 
     def _start_query(self, env_id: int, observation: Observation) -> _Query:
-        from agnostos.evaluation.observation_text import observation_text
+        from agnostos.observation_text import observation_text
 
         context = self.context(env_id)
         number = self._queries[env_id]
@@ -405,7 +405,7 @@ class XICMAgent(QueuedAgent):
         return parsed
 
     def _actions(self, query: _Query, outcome: ParsedReply | LLMRequestError) -> Any:
-        from agnostos.evaluation.observation_text import XICM_CODEC
+        from agnostos.observation_text import XICM_CODEC
 
         if isinstance(outcome, LLMRequestError):
             return outcome

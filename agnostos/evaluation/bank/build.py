@@ -50,8 +50,8 @@ from agnostos.evaluation.bank.records import (
     json_sha256,
 )
 from agnostos.evaluation.bank.store import DemoBank
-from agnostos.evaluation.observation_text import DEFAULT_CAMERAS, DemoText, episode_demo_text
 from agnostos.models.dynamics_diffusion import DynamicsDiffusion, SamplingConfig
+from agnostos.observation_text import DEFAULT_CAMERAS, DemoText, episode_demo_text
 from agnostos.seeding import derive_seed
 from agnostos.shards.episode import Episode
 

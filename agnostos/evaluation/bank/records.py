@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from agnostos.evaluation.observation_text import DemoText, format_actions
 from agnostos.models.dynamics_diffusion import SamplingConfig
+from agnostos.observation_text import DemoText, format_actions
 
 BANK_FORMAT = "agnostos-demo-bank"
 # 2: demo text from PyRep-exact float64 point clouds and each frame's own handle names

@@ -42,8 +42,8 @@ from agnostos.evaluation.bank.records import (
     ExtractionSettings,
     ModelIdentity,
 )
-from agnostos.evaluation.observation_text import DemoText
 from agnostos.evaluation.rankers import RankingBank
+from agnostos.observation_text import DemoText
 
 
 def _rows(name: str, tensor: torch.Tensor, size: int) -> torch.Tensor:

@@ -258,6 +258,30 @@ def test_fit_refuses_a_folder_that_is_not_converted(tmp_path, capsys, offline_wa
     assert not root.exists()
 
 
+VLA_CONFIGS = sorted((REPO / "configs" / "vla").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", VLA_CONFIGS, ids=[path.stem for path in VLA_CONFIGS])
+def test_every_vla_config_parses_as_a_vla_job(config, capsys, offline_wandb):
+    assert main(["fit", "--config", str(config), "--print_config"]) == 0
+    printed = capsys.readouterr().out
+    assert "backbone:" in printed and "action_format:" in printed  # VLAModule's arguments
+    assert "object_text:" in printed  # KeyframeDataModule's
+
+
+def test_fit_refuses_a_backbone_that_is_neither_a_folder_nor_cached(tmp_path, capsys,
+                                                                   offline_wandb):  # fmt: skip
+    root = tmp_path / "run"
+    config = REPO / "configs" / "vla" / "qwen2.5_vl_3b_lora.yaml"
+    argv = ["fit", "--config", str(config), "--model.backbone", "nobody/no-such-model",
+            "--trainer.default_root_dir", str(root)]  # fmt: skip
+    assert main(argv) == 2
+    line = error_line(capsys)
+    assert line.startswith("agnostos fit: error: model.backbone: nobody/no-such-model: not a")
+    assert "qwen2_5_vl" in line and "smolvlm" in line
+    assert not root.exists()
+
+
 def test_vla_merge_refuses_a_folder_that_is_no_export(tmp_path, capsys):
     folder, out = tmp_path / "run", tmp_path / "merged"
     folder.mkdir()

@@ -17,13 +17,60 @@ import torch
 
 from agnostos.trainers.full_weights import full_state_dict, shards_parameters
 
-__all__ = ["DiffusersExport"]
+__all__ = ["DiffusersExport", "PeriodicExport"]
 
 EXPORT_DIR = "export"
 PIPELINE_DIR = "pipeline"
 
 
-class DiffusersExport(L.Callback):
+class PeriodicExport(L.Callback):
+    """Export every `every_n_train_steps` optimiser steps and when training ends.
+
+    Subclasses write the export (`export_step`); this class decides when, once per step.
+    `dirpath` defaults to `<trainer.default_root_dir>/export`; `every_n_train_steps` 0
+    exports only at the end (with `export_on_train_end`).
+    """
+
+    def __init__(
+        self, dirpath: str | None, every_n_train_steps: int, export_on_train_end: bool
+    ) -> None:
+        if every_n_train_steps < 0:
+            raise ValueError(f"every_n_train_steps must be >= 0, got {every_n_train_steps}")
+        self.dirpath = dirpath
+        self.every_n_train_steps = every_n_train_steps
+        self.export_on_train_end = export_on_train_end
+        self.exported: list[Path] = []
+        self._last_step = -1
+
+    def output_dir(self, trainer: L.Trainer) -> Path:
+        if self.dirpath is not None:
+            return Path(self.dirpath)
+        return Path(trainer.default_root_dir) / EXPORT_DIR
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        step = trainer.global_step
+        every = self.every_n_train_steps
+        if every > 0 and step > 0 and step % every == 0 and step != self._last_step:
+            self._last_step = step
+            self.export_step(trainer, pl_module, step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.export_on_train_end and trainer.global_step != self._last_step:
+            self._last_step = trainer.global_step
+            self.export_step(trainer, pl_module, trainer.global_step)
+
+    def export_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        raise NotImplementedError
+
+
+class DiffusersExport(PeriodicExport):
     """Export the UNet every `every_n_train_steps` optimiser steps and when training ends.
 
     Args:
@@ -49,19 +96,8 @@ class DiffusersExport(L.Callback):
         save_pipeline: bool = False,
         export_on_train_end: bool = True,
     ) -> None:
-        if every_n_train_steps < 0:
-            raise ValueError(f"every_n_train_steps must be >= 0, got {every_n_train_steps}")
-        self.dirpath = dirpath
-        self.every_n_train_steps = every_n_train_steps
+        super().__init__(dirpath, every_n_train_steps, export_on_train_end)
         self.save_pipeline = save_pipeline
-        self.export_on_train_end = export_on_train_end
-        self.exported: list[Path] = []
-        self._last_step = -1
-
-    def output_dir(self, trainer: L.Trainer) -> Path:
-        if self.dirpath is not None:
-            return Path(self.dirpath)
-        return Path(trainer.default_root_dir) / EXPORT_DIR
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not callable(getattr(pl_module, "export_checkpoint", None)):
@@ -70,18 +106,8 @@ class DiffusersExport(L.Callback):
                 f"{type(pl_module).__name__} has none"
             )
 
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        step = trainer.global_step
-        every = self.every_n_train_steps
-        if every > 0 and step > 0 and step % every == 0 and step != self._last_step:
-            self.export(trainer, pl_module, step, pipeline=False)
+    def export_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        self.export(trainer, pl_module, step, pipeline=False)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step

@@ -30,6 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -37,6 +38,7 @@ from agnostos.datamodules.dynamics import DynamicsDataModule
 from agnostos.shards.manifest import MANIFEST_NAME
 from agnostos.trainers.callbacks import DiffusersExport
 from agnostos.trainers.dynamics import TINY_BASE, DynamicsDiffusionModule
+from agnostos.trainers.vla_export import VLAExport
 
 __all__ = ["VLACLI", "DynamicsCLI", "FitConfigError", "check_paths", "local_path", "run_fit"]
 
@@ -135,6 +137,7 @@ class DynamicsCLI(LightningCLI):
     """LightningCLI with run-directory defaults and errors that name the bad setting."""
 
     default_root = DEFAULT_ROOT
+    export_callback: type[L.Callback] = DiffusersExport  # the `export` group
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -151,7 +154,7 @@ class DynamicsCLI(LightningCLI):
                 "checkpoint.save_on_train_epoch_end": True,
             }
         )
-        parser.add_lightning_class_args(DiffusersExport, "export")
+        parser.add_lightning_class_args(self.export_callback, "export")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         # LightningCLI warns when both `args` and sys.argv are given; `agnostos fit` always
@@ -201,20 +204,7 @@ class VLACLI(DynamicsCLI):
     """The same CLI for `VLAModule`: its export group is `VLAExport`."""
 
     default_root = VLA_ROOT
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        from agnostos.trainers.vla_export import VLAExport
-
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults(
-            {
-                "checkpoint.save_last": True,
-                "checkpoint.save_top_k": 1,
-                "checkpoint.every_n_epochs": 1,
-                "checkpoint.save_on_train_epoch_end": True,
-            }
-        )
-        parser.add_lightning_class_args(VLAExport, "export")
+    export_callback = VLAExport
 
 
 def config_job(argv: list[str]) -> str:

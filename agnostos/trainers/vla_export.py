@@ -9,14 +9,14 @@ which the VLA agent (`agnostos eval ... agent: vla`) and `agnostos vla merge` re
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 from lightning.pytorch.strategies import FSDPStrategy
 
+from agnostos.trainers.callbacks import EXPORT_DIR, PeriodicExport
+
 __all__ = ["EXPORT_DIR", "VLAExport", "latest_export"]
 
-EXPORT_DIR = "export"
 STEP_PREFIX = "step-"
 
 
@@ -30,7 +30,7 @@ def latest_export(directory: str | Path) -> Path | None:
     return max(folders, key=lambda path: int(path.name[len(STEP_PREFIX) :]), default=None)
 
 
-class VLAExport(L.Callback):
+class VLAExport(PeriodicExport):
     """Export the policy every `every_n_train_steps` optimiser steps and when training ends.
 
     Args:
@@ -50,18 +50,7 @@ class VLAExport(L.Callback):
         every_n_train_steps: int = 0,
         export_on_train_end: bool = True,
     ) -> None:
-        if every_n_train_steps < 0:
-            raise ValueError(f"every_n_train_steps must be >= 0, got {every_n_train_steps}")
-        self.dirpath = dirpath
-        self.every_n_train_steps = every_n_train_steps
-        self.export_on_train_end = export_on_train_end
-        self.exported: list[Path] = []
-        self._last_step = -1
-
-    def output_dir(self, trainer: L.Trainer) -> Path:
-        if self.dirpath is not None:
-            return Path(self.dirpath)
-        return Path(trainer.default_root_dir) / EXPORT_DIR
+        super().__init__(dirpath, every_n_train_steps, export_on_train_end)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not callable(getattr(pl_module, "export", None)):
@@ -74,21 +63,7 @@ class VLAExport(L.Callback):
                 "implemented; LoRA adapters fit on every GPU, so train with strategy: ddp"
             )
 
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-        batch_idx: int,
-    ) -> None:  # fmt: skip
-        step = trainer.global_step
-        every = self.every_n_train_steps
-        if every > 0 and step > 0 and step % every == 0 and step != self._last_step:
-            self.export(trainer, pl_module, step)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.export_on_train_end and trainer.global_step != self._last_step:
-            self.export(trainer, pl_module, trainer.global_step)
-
-    def export(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
-        self._last_step = step
+    def export_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         if trainer.is_global_zero:
             path = pl_module.export(self.output_dir(trainer) / f"{STEP_PREFIX}{step}")
             self.exported.append(path)

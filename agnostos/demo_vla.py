@@ -40,7 +40,6 @@ def _overrides(config: Any, root: Path) -> dict[str, Any]:
     return {
         "trainer": {
             "max_steps": config.vla_steps,
-            "val_check_interval": validations,
             "default_root_dir": str(root / "vla"),
             "enable_progress_bar": bool(config.progress),
             "callbacks": [
@@ -58,7 +57,9 @@ def _overrides(config: Any, root: Path) -> dict[str, Any]:
             ],
         },
         "model": {"seed": config.seed},
-        "data": {"batch_size": config.vla_batch_size, "seed": config.seed},
+        # an epoch per rollout: validation at epoch ends is where a resume is exact
+        "data": {"batch_size": config.vla_batch_size, "seed": config.seed,
+                 "epoch_samples": validations * config.vla_batch_size},
         "seed_everything": config.seed,
     }  # fmt: skip
 

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +53,33 @@ def fsync_directory(directory: str | Path) -> None:
         os.close(fd)
 
 
+def _remove_dead_writers_temps(path: Path) -> None:
+    """Delete `<name>.<pid>.tmp` files next to `path` left by processes no longer alive
+    (a writer killed between writing and renaming), so none accumulates across runs."""
+    prefix = f"{path.name}."
+    for candidate in path.parent.glob(f"{glob_escape(prefix)}*{TMP_SUFFIX}"):
+        pid = candidate.name[len(prefix) : -len(TMP_SUFFIX)]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            candidate.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` atomically. The temp file's name holds the process id, so
     processes writing the same file at once (evaluation shards claiming one run folder)
-    never rename each other's temp file away; the last rename wins, each one complete."""
+    never rename each other's temp file away; the last rename wins, each one complete.
+    Temp files of killed writers are removed on the next write."""
     path = Path(path)
+    _remove_dead_writers_temps(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
     with open(tmp, "wb") as handle:
         handle.write(data)

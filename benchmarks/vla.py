@@ -48,18 +48,18 @@ def make_shards(root: Path, demos: int) -> Path:
     return shards
 
 
-def modules(shards: Path, backbone: str, root: Path, batch_size: int, learning_rate: float):
+def modules(args: argparse.Namespace, shards: Path, root: Path, learning_rate: float):
     from agnostos.datamodules.keyframes import KeyframeDataModule
     from agnostos.trainers.vla import VLAModule
 
     data = KeyframeDataModule(
         shards=str(shards), cameras=["front", "wrist"], object_text=True,
         object_text_cameras=["front", "wrist", "overhead"], image_size=64,
-        batch_size=batch_size, num_workers=1, seed=0,
+        batch_size=args.batch_size, num_workers=1, seed=0,
     )  # fmt: skip
     model = VLAModule(
-        backbone=backbone, tiny_dir=str(root / "tiny-vla"), image_size=64,
-        learning_rate=learning_rate, warmup_steps=10,
+        backbone=args.backbone, image_size=64, learning_rate=learning_rate, warmup_steps=10,
+        lora_r=args.lora_r, lora_alpha=args.lora_alpha,
     )  # fmt: skip
     return data, model
 
@@ -79,10 +79,11 @@ def throughput(args: argparse.Namespace) -> dict:
             self.end = time.perf_counter()
 
     root = Path(args.work)
-    data, model = modules(Path(args.shards), args.backbone, root, args.batch_size, 5e-4)
+    data, model = modules(args, Path(args.shards), root, args.learning_rate)
     times = StepTimes()
     trainer = L.Trainer(
         accelerator="cpu", max_steps=args.warmup + args.steps, logger=False,
+        precision=args.precision,
         enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0,
         limit_val_batches=0, default_root_dir=str(root / "run"), callbacks=[times],
     )  # fmt: skip
@@ -132,10 +133,11 @@ def learn(args: argparse.Namespace) -> dict:
 
     root = Path(args.work)
     shards = Path(args.shards) if args.shards else make_shards(root, args.demos)
-    data, model = modules(shards, args.backbone, root, args.batch_size, args.learning_rate)
+    data, model = modules(args, shards, root, args.learning_rate)
     export = VLAExport(dirpath=str(root / "export"))
     trainer = L.Trainer(
         accelerator="cpu", max_steps=-1, max_time={"minutes": args.minutes}, logger=False,
+        precision=args.precision,
         enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0,
         limit_val_batches=0, default_root_dir=str(root / "run"), callbacks=[export],
     )  # fmt: skip
@@ -146,9 +148,12 @@ def learn(args: argparse.Namespace) -> dict:
     assert folder is not None
     return {
         "mode": "learn", "backbone": args.backbone, "minutes": args.minutes,
+        "settings": {"lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
+                     "learning_rate": args.learning_rate, "precision": args.precision,
+                     "batch_size": args.batch_size},
         "steps": trainer.global_step, "train_seconds": round(trained, 1),
         "seen": evaluate(folder, "seen", args.episodes, root),
-        "unseen": evaluate(folder, "unseen", args.episodes, root),
+        "unseen": evaluate(folder, "unseen", args.unseen_episodes, root),
     }  # fmt: skip
 
 
@@ -160,10 +165,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backbone", default="tiny", help="tiny, tiny-smolvlm or a model dir")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=5e-4)
+    parser.add_argument("--lora-r", type=int, default=32)
+    parser.add_argument("--lora-alpha", type=float, default=16)
+    parser.add_argument("--precision", default="32-true", help="e.g. bf16-mixed")
     parser.add_argument("--steps", type=int, default=60, help="timed steps (throughput)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed first steps")
     parser.add_argument("--minutes", type=float, default=10.0, help="training budget (learn)")
-    parser.add_argument("--episodes", type=int, default=10, help="test episodes per task")
+    parser.add_argument("--episodes", type=int, default=10, help="test episodes per seen task")
+    parser.add_argument("--unseen-episodes", type=int, default=5, help="per unseen task")
     parser.add_argument("--work", default=None, help="working folder (default: a temp dir)")
     parser.add_argument("--json", default="/tmp/vla_benchmark.json")
     args = parser.parse_args(argv)

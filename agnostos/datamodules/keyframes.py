@@ -374,6 +374,7 @@ class KeyframeDataModule(EpisodeDataModule):
         self.object_text_cameras = text_cameras
         self.object_names = object_names
         self._object_name_maps: dict[str, dict[str, str]] | None = None
+        self._object_names_benchmark = ""
 
     @property
     def cameras(self) -> tuple[str, ...]:
@@ -470,7 +471,14 @@ class KeyframeDataModule(EpisodeDataModule):
                     f"{', '.join(unnamed)}"
                 )
             self._object_name_maps = {task: dict(maps[task]) for task in tasks}
+            self._object_names_benchmark = suite
         return self._object_name_maps
+
+    @property
+    def object_names_benchmark(self) -> str:
+        """The benchmark whose object-name maps the object text uses (resolved)."""
+        self.object_name_maps  # noqa: B018 (resolves the benchmark)
+        return self._object_names_benchmark
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)

@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from agnostos.atomic import atomic_write_json, replace_directory
 from agnostos.models.tiny_llm import byte_level_bpe
@@ -249,6 +250,14 @@ def build_tiny_vla(
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = None
+    return save_model_dir(out, model, tokenizer, processor, MARKER, spec)
+
+
+def save_model_dir(
+    out: Path, model: Any, tokenizer: Any, processor: Any, marker: str, spec: dict
+) -> Path:
+    """Save a built model directory atomically: written to a sibling folder, then renamed
+    into place, so a killed build never leaves half a model (or a marker without one)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
@@ -256,7 +265,7 @@ def build_tiny_vla(
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         processor.save_pretrained(partial)
-        atomic_write_json(partial / MARKER, spec)
+        atomic_write_json(partial / marker, spec)
         replace_directory(partial, out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)

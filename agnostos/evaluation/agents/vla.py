@@ -284,6 +284,8 @@ class VLAAgent(QueuedAgent):
         if image_size is None:
             image_size = trained_size if trained_size is not None else policy.inputs.image_size
         self.image_size = image_size
+        if object_names is None:
+            object_names = getattr(policy.inputs, "object_names", None)
         self.object_names = object_names
         if object_text_cameras is None:
             object_text_cameras = getattr(policy.inputs, "object_text_cameras", None)

@@ -4,7 +4,8 @@ Covers learning (only LoRA weights train; checkpoints hold them and the optimise
 exact resume and the refusal of a checkpoint whose codec differs from the data's, the
 export (adapter reload with identical logits, model card, merge), `agnostos fit` with the
 tiny VLA config (resume, rollouts during training monitored by ModelCheckpoint), bad input
-refused in one line before training, and a two-process DDP fit on CPU (`vla_ddp.py`).
+refused in one line before training, and two-process DDP and FSDP fits on CPU
+(`vla_ddp.py`, `vla_fsdp.py`).
 
 Everything is tiny: two seen minibench tasks x 3 demos at 32 px, converted once (one
 episode per shard, so two ranks can split them), and one tiny Qwen2.5-VL-shaped backbone
@@ -549,3 +550,90 @@ def test_two_rank_ddp_fit_ends_with_the_same_lora_weights_and_exports_once(
         for key, value in weights[0].items()
     }
     assert_same_tensors(adapter, trained)
+
+
+def _launch_vla(script: str, *args: str) -> list[dict]:
+    """Run a two-rank script (Lightning's launcher starts rank 1) and read each rank's record."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "MASTER_PORT"):
+        env.pop(name, None)
+    path = Path(__file__).resolve().parent / script
+    result = subprocess.run([sys.executable, str(path), *args], env=env, capture_output=True,
+                            text=True, timeout=240)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
+    return [json.loads(Path(args[2], f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def test_two_rank_fsdp_fit_exports_the_gathered_lora_weights_and_resumes(minibench, tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    shards, base = str(minibench.shards), str(tiny)
+    fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
+    ranks = _launch_vla("vla_fsdp.py", shards, base, str(fsdp), "fsdp", "3")
+    assert [r["global_step"] for r in ranks] == [3, 3]
+    assert [r["use_orig_params"] for r in ranks] == [True, True]  # set by VLAModule.setup
+
+    # One export, by rank 0, holding the trained LoRA weights FSDP assembles from shards.
+    assert sorted(p.name for p in (fsdp / "export").iterdir()) == ["step-3"]
+    assert [len(r["exported"]) for r in ranks] == [1, 0]
+
+    def adapter(root: Path) -> dict[str, torch.Tensor]:
+        return load_file(root / "export" / "step-3" / "adapter_model.safetensors")
+
+    def lora(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key.removeprefix("policy.model.").replace(".default.", "."): value
+                for key, value in weights.items()}  # fmt: skip
+
+    trained = load_file(fsdp / "trained.safetensors")
+    assert trained and all("lora_" in key for key in trained)
+    assert_same_tensors(adapter(fsdp), lora(trained))
+    assert any(float(v.abs().max()) > 0 for k, v in trained.items() if "lora_B" in k)
+
+    # Full-state-dict checkpoints: the LoRA weights and their AdamW state, no base weight.
+    checkpoint = load_checkpoint(fsdp / "checkpoints" / "epoch=0-step=2.ckpt")
+    assert set(checkpoint["state_dict"]) == set(trained)
+    [optimizer] = checkpoint["optimizer_states"]
+    assert len(optimizer["state"]) == len(trained)
+
+    # The same steps under DDP export the same adapter, up to float reduction order.
+    _launch_vla("vla_fsdp.py", shards, base, str(ddp), "ddp", "3")
+    assert_close_tensors(adapter(ddp), adapter(fsdp))
+
+    # Resumed from the step-2 checkpoints, FSDP and DDP continue alike. (Neither ends
+    # bit-exactly where its uninterrupted run did, for the Lightning reason of the xfail of
+    # test_resume_from_last_checkpoint_continues_bit_exactly: no validation ran.)
+    step2 = "checkpoints/epoch=0-step=2.ckpt"
+    for name, strategy, root in (("fsdp-resumed", "fsdp", fsdp), ("ddp-resumed", "ddp", ddp)):
+        ranks = _launch_vla("vla_fsdp.py", shards, base, str(tmp_path / name), strategy, "3",
+                            str(root / step2))  # fmt: skip
+        assert [r["global_step"] for r in ranks] == [3, 3]
+    assert_close_tensors(adapter(tmp_path / "fsdp-resumed"), adapter(tmp_path / "ddp-resumed"))
+
+
+def assert_close_tensors(left: dict, right: dict) -> None:
+    assert left and left.keys() == right.keys()
+    for key in left:
+        torch.testing.assert_close(left[key], right[key], rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_rollouts_and_sharded_checkpoints_of_a_vla_are_refused(tiny):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from agnostos.evaluation.training_eval import RolloutEvaluation
+
+    class CPUFSDP(FSDPStrategy):  # Lightning refuses the exact FSDPStrategy class on CPU
+        pass
+
+    def fsdp_trainer(**kwargs) -> L.Trainer:
+        return L.Trainer(accelerator="cpu", devices=1, strategy=CPUFSDP(**kwargs), logger=False)
+
+    module = make_module(tiny)
+    callback = RolloutEvaluation.__new__(RolloutEvaluation)  # setup refuses before the suite
+    with pytest.raises(ValueError, match="cannot run a VLA policy sharded by FSDP"):
+        callback.setup(fsdp_trainer(), module, "fit")
+    module.trainer = fsdp_trainer(state_dict_type="sharded")
+    with pytest.raises(ValueError, match="needs state_dict_type: full"):
+        module.setup("fit")
+    module.trainer = trainer = fsdp_trainer()
+    module.setup("fit")
+    assert trainer.strategy.kwargs["use_orig_params"] is True

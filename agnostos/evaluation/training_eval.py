@@ -54,7 +54,8 @@ collective timeout (30 minutes by default) must exceed the longest evaluation: k
 suite small.
 
 FSDP: the hook's agent runs the module outside the FSDP wrapper, so a sharded module needs
-its full parameters gathered by the hook; `VLAAgent.from_policy` assumes DDP (or one device).
+its full parameters gathered by the hook; `VLAAgent.from_policy` assumes DDP (or one device),
+so a VLA policy under FSDP is refused at setup.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ from agnostos.evaluation.records import PLAN_NAME, RECORDS_GLOB, EpisodeRecord, 
 from agnostos.evaluation.reporters import VIDEO_FOLDER, ProgressBar, VideoRecorder
 from agnostos.evaluation.runner import Runner, RunnerConfig, shard_keys
 from agnostos.evaluation.suites import SEEN_LEVEL, SuiteConfig, SuiteError
+from agnostos.trainers.full_weights import shards_parameters
 
 __all__ = [
     "ROLLOUT_DIR",
@@ -295,6 +297,11 @@ class RolloutEvaluation(L.Callback):
             raise TypeError(
                 f"RolloutEvaluation needs the LightningModule to provide rollout_agent() -> "
                 f"Agent (or a VLAPolicy as .policy); {type(pl_module).__name__} has neither"
+            )
+        if shards_parameters(trainer.strategy) and _has_policy(pl_module):
+            raise ValueError(
+                "RolloutEvaluation cannot run a VLA policy sharded by FSDP; train with "
+                "strategy: ddp (a LoRA run fits on every GPU) or drop the rollout callback"
             )
         self.suite.check_backend()
         if trainer.world_size > 1:

@@ -105,6 +105,7 @@ class VLAInputs:
     # datamodule resized camera images to before the policy resized them to image_size.
     object_text_cameras: tuple[str, ...] | None = None
     data_image_size: int | None = None
+    object_names: str | None = None  # the benchmark whose object-name maps the text used
 
     def check(self) -> VLAInputs:
         if not self.cameras or not all(isinstance(c, str) and c for c in self.cameras):
@@ -218,7 +219,10 @@ class VLAPolicy(torch.nn.Module):
 
     @staticmethod
     def _load_model(backbone: Backbone, directory: Path, dtype: Any, attn: str | None) -> Any:
-        kwargs: dict[str, Any] = {}
+        # Read the weights into memory rather than mmap them: file-backed pages are dropped
+        # under memory reclaim and faulted back in from disk, which made CPU steps of the
+        # 135M SmolLM2 backbone vary from 3 s to 30 s (smolvlm_lm.py).
+        kwargs: dict[str, Any] = {"disable_mmap": True}
         if dtype is not None:
             kwargs["dtype"] = dtype
         if attn is not None:
@@ -574,14 +578,23 @@ class VLAPolicy(torch.nn.Module):
         ids = self.replies.reply_ids(bins)
         return user, self.replies.parse(ids, self.inputs.chunk).text
 
-    def save_export(self, directory: str | Path, card: dict[str, Any]) -> Path:
-        """Write the export atomically (a complete folder or the previous one, never a mix)."""
+    def save_export(
+        self,
+        directory: str | Path,
+        card: dict[str, Any],
+        weights: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
+        """Write the export atomically (a complete folder or the previous one, never a mix).
+
+        `weights` (keys as in `self.model.state_dict()`) are saved instead of the model's
+        own: the trained weights gathered from FSDP shards, which this rank lacks."""
         out = Path(directory)
         out.parent.mkdir(parents=True, exist_ok=True)
         partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
         try:
-            self.model.save_pretrained(partial)
+            extra = {} if weights is None else {"state_dict": weights}
+            self.model.save_pretrained(partial, **extra)
             self.tokenizer.save_pretrained(partial)
             self.image_processor.save_pretrained(partial)
             meta = self.export_meta(card)

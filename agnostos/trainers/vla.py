@@ -41,6 +41,7 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 
 from agnostos.action_codecs import ActionCodec
 from agnostos.datamodules.keyframes import KeyframeBatch
@@ -140,6 +141,19 @@ class VLAModule(L.LightningModule):
 
     # -- the model -------------------------------------------------------------------------------
 
+    def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy
+        if isinstance(strategy, FSDPStrategy):
+            if getattr(strategy, "_state_dict_type", "full") != "full":
+                raise ValueError(
+                    "VLAModule under FSDP needs state_dict_type: full (a sharded checkpoint "
+                    "must hold the frozen base, which VLA checkpoints leave out)"
+                )
+            # peft freezes the base inside the same FSDP unit as the LoRA weights. FSDP keeps
+            # each rank's own LoRA init (DDP broadcasts rank 0's): seed_everything (the CLI's
+            # default) makes them equal.
+            strategy.kwargs.setdefault("use_orig_params", True)
+
     def base_path(self) -> Path:
         """The backbone directory, building the tiny one first when asked for."""
         hp = self.hparams
@@ -164,6 +178,7 @@ class VLAModule(L.LightningModule):
             chunk=int(data.chunk),
             object_text_cameras=_object_text_cameras(data),
             data_image_size=int(data.image_size),
+            object_names=data.object_names_benchmark if data.object_text else None,
         )
 
     def configure_model(self) -> None:
@@ -210,6 +225,20 @@ class VLAModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1},
         }
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Under FSDP, norm clipping through FSDP's own (global-norm) `clip_grad_norm_`:
+        Lightning's FSDP plugin refuses it (as `DynamicsDiffusionModule` explains)."""
+        fsdp = isinstance(self.trainer.strategy, FSDPStrategy)
+        if fsdp and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -294,7 +323,8 @@ class VLAModule(L.LightningModule):
                 "the checkpoint's action codec differs from the data's (codec settings or "
                 "statistics changed); resume with the data it was trained on"
             )
-        missing = self.trainable_names() - set(checkpoint["state_dict"])
+        # FSDPStrategy has loaded (and removed) the state dict already
+        missing = self.trainable_names() - set(checkpoint.get("state_dict", self.trainable_names()))
         if missing:
             raise VLAError(
                 f"the checkpoint lacks {len(missing)} trainable weights (e.g. "
@@ -303,8 +333,15 @@ class VLAModule(L.LightningModule):
 
     # -- export ----------------------------------------------------------------------------------
 
-    def export(self, directory: str | Path, card: dict[str, Any] | None = None) -> Path:
-        """The peft adapter, processor, codec and model card (`VLAPolicy.save_export`)."""
+    def export(
+        self,
+        directory: str | Path,
+        card: dict[str, Any] | None = None,
+        weights: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
+        """The peft adapter, processor, codec and model card (`VLAPolicy.save_export`);
+        `weights` (keys under `policy.model`) replace the module's own, e.g. gathered from
+        FSDP shards."""
         assert self.policy is not None
         data = self.trainer.datamodule if self._trainer is not None else None
         details = {
@@ -315,7 +352,7 @@ class VLAModule(L.LightningModule):
         }
         if data is not None:
             details.setdefault("data", _data_card(data))
-        return self.policy.save_export(directory, details)
+        return self.policy.save_export(directory, details, weights=weights)
 
 
 def _object_text_cameras(data: Any) -> tuple[str, ...] | None:

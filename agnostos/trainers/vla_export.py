@@ -11,9 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.strategies import FSDPStrategy
+import torch
 
 from agnostos.trainers.callbacks import EXPORT_DIR, PeriodicExport
+from agnostos.trainers.full_weights import full_state_dict, shards_parameters
 
 __all__ = ["EXPORT_DIR", "VLAExport", "latest_export"]
 
@@ -38,7 +39,8 @@ class VLAExport(PeriodicExport):
         every_n_train_steps: export period in global steps (0: only at the end).
         export_on_train_end: export the final step when training stops.
 
-    Only global rank 0 writes (DDP replicates the adapter on every rank); the others wait
+    Only global rank 0 writes (DDP replicates the adapter on every rank; under FSDP every
+    rank first joins the gather of the trainable weights from the shards); the others wait
     at a barrier, so no rank runs ahead of an export. Each export is written to a temporary
     folder and renamed into place by `VLAPolicy.save_export`, so a run killed mid-export
     leaves the earlier exports intact.
@@ -57,14 +59,24 @@ class VLAExport(PeriodicExport):
             raise TypeError(
                 f"VLAExport needs a module with export(); {type(pl_module).__name__} has none"
             )
-        if isinstance(trainer.strategy, FSDPStrategy):
-            raise ValueError(
-                "VLAExport: FSDP shards the adapter across ranks and gathering it is not "
-                "implemented; LoRA adapters fit on every GPU, so train with strategy: ddp"
-            )
 
     def export_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        weights = None
+        if shards_parameters(trainer.strategy):  # every rank takes part in the gather
+            weights = _trainable_weights(trainer, pl_module)
         if trainer.is_global_zero:
-            path = pl_module.export(self.output_dir(trainer) / f"{STEP_PREFIX}{step}")
+            out = self.output_dir(trainer) / f"{STEP_PREFIX}{step}"
+            path = pl_module.export(out, **({} if weights is None else {"weights": weights}))
             self.exported.append(path)
         trainer.strategy.barrier("vla-export")
+
+
+def _trainable_weights(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
+    """The trainable weights under `policy.model.`, gathered from FSDP shards (a collective;
+    rank 0 receives them, on the CPU), keyed as in `policy.model.state_dict()`."""
+    prefix = "policy.model."
+    trainable = pl_module.trainable_names()
+    state = full_state_dict(trainer.strategy.model, prefix)
+    if not pl_module.policy.is_lora:  # full fine-tuning: the whole backbone
+        return state
+    return {key: value for key, value in state.items() if prefix + key in trainable}

@@ -79,6 +79,7 @@ class DemoConfig:
     llm_threads: int = 2
     vla_steps: int = 120
     vla_batch_size: int = 8
+    vla_learning_rate: float = 3e-3
     vla_rollout_episodes: int = 1
     wandb: bool = True
     progress: bool = True
@@ -404,7 +405,8 @@ def format_summary(records: Mapping[str, StageRecord]) -> str:
     if "vla_train" in records:
         trained = records["vla_train"].result
         shown = ", ".join(f"{step} {value:.1f}%" if value is not None else f"{step} missing"
-                          for step, value in trained["rollouts"].items())  # fmt: skip
+                          for step, value in sorted(trained["rollouts"].items(),
+                                                    key=lambda item: int(item[0][5:])))  # fmt: skip
         lines += [f"VLA rollouts during training ({trained['rollout_task']} success): {shown}",
                   ""]  # fmt: skip
     ran = [f"{name} {record.seconds:.1f}" for name, record in records.items() if record.ran]
@@ -664,6 +666,7 @@ def demo_stages(config: DemoConfig, paths: DemoPaths) -> list[Stage]:
         Stage("vla_train",
               {"config": _file_sha256(VLA_CONFIG), "steps": config.vla_steps,
                "batch_size": config.vla_batch_size, "seed": config.seed,
+               "learning_rate": config.vla_learning_rate,
                "rollout_episodes": config.vla_rollout_episodes,
                "max_steps": config.eval_max_steps, "image_size": config.image_size},
               ("seen_shards",), (paths.root / "vla", paths.root / "test-seen"),

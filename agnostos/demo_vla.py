@@ -56,7 +56,7 @@ def _overrides(config: Any, root: Path) -> dict[str, Any]:
                 }
             ],
         },
-        "model": {"seed": config.seed},
+        "model": {"seed": config.seed, "learning_rate": config.vla_learning_rate},
         # an epoch per rollout: validation at epoch ends is where a resume is exact
         "data": {"batch_size": config.vla_batch_size, "seed": config.seed,
                  "epoch_samples": validations * config.vla_batch_size},

@@ -9,6 +9,7 @@ prediction type travels with the weights.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ EXPORT_DIR = "export"
 PIPELINE_DIR = "pipeline"
 
 
-class PeriodicExport(L.Callback):
+class PeriodicExport(L.Callback, ABC):
     """Export every `every_n_train_steps` optimiser steps and when training ends.
 
     Subclasses write the export (`export_step`); this class decides when, once per step.
@@ -66,8 +67,9 @@ class PeriodicExport(L.Callback):
             self._last_step = trainer.global_step
             self.export_step(trainer, pl_module, trainer.global_step)
 
+    @abstractmethod
     def export_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
-        raise NotImplementedError
+        """Write the export of `step` (every rank calls it; subclasses decide who writes)."""
 
 
 class DiffusersExport(PeriodicExport):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,7 +143,7 @@ class ChatFrame:
     stop_ids: tuple[int, ...]
 
 
-class Backbone:
+class Backbone(ABC):
     """One family's loading and image handling (see the module docstring)."""
 
     family: str
@@ -153,24 +154,24 @@ class Backbone:
         self.model_type = model_type
         self.config = config
 
-    def model_class(self) -> type:
-        raise NotImplementedError
+    @abstractmethod
+    def model_class(self) -> type: ...
 
-    def load_image_processor(self, directory: Path) -> Any:
-        raise NotImplementedError
+    @abstractmethod
+    def load_image_processor(self, directory: Path) -> Any: ...
 
-    def image_side(self, image_size: int) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def image_side(self, image_size: int) -> int: ...
 
-    def tokens_per_image(self, side: int) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def tokens_per_image(self, side: int) -> int: ...
 
-    def expansion(self, tokens: int) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def expansion(self, tokens: int) -> str: ...
 
+    @abstractmethod
     def pixel_inputs(self, processor: Any, images: np.ndarray) -> dict[str, torch.Tensor]:
         """B x V x 3 x S x S uint8 -> the model's pixel inputs."""
-        raise NotImplementedError
 
     def text_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Extra per-token inputs (Qwen's modality types); none by default."""

@@ -25,6 +25,7 @@ keyframes only, so at the end of an episode it is shorter and the model learns t
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -70,23 +71,23 @@ class ParsedReply:
     text: str
 
 
-class Replies:
+class Replies(ABC):
     """An action format: target ids for training, parsing of generated ids."""
 
     name: str
     code_size: int
 
+    @abstractmethod
     def reply_ids(self, codes: np.ndarray) -> list[int]:
         """Token ids of the reply holding these keyframe codes (n x code_size), no end."""
-        raise NotImplementedError
 
+    @abstractmethod
     def parse(self, ids: Sequence[int], chunk: int) -> ParsedReply:
         """Generated ids (cut at the end token) -> codes of up to `chunk` keyframes."""
-        raise NotImplementedError
 
+    @abstractmethod
     def max_new_tokens(self, chunk: int) -> int:
         """Enough new tokens for a full chunk reply and its end token."""
-        raise NotImplementedError
 
 
 class TextReplies(Replies):

@@ -23,19 +23,10 @@ def run_rank(shards: str, backbone: str, root: str) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from agnostos.datamodules.keyframes import KeyframeDataModule
-    from agnostos.trainers.vla import VLAModule
     from agnostos.trainers.vla_export import VLAExport
 
     torch.set_num_threads(1)
-    data = KeyframeDataModule(
-        shards=shards, cameras=["front", "wrist"], image_size=32, batch_size=4,
-        num_workers=0, val_episodes_per_task=0, shuffle_buffer=8, shuffle_initial=4,
-    )  # fmt: skip
-    module = VLAModule(
-        backbone=backbone, image_size=32, lora_r=8, lora_alpha=16, lora_dropout=0.1,
-        learning_rate=3e-3,
-    )  # fmt: skip
+    data, module = tiny_fit_modules(shards, backbone)
     export = VLAExport()
     trainer = L.Trainer(
         default_root_dir=root, max_steps=STEPS, accelerator="cpu", devices=2,
@@ -58,6 +49,23 @@ def run_rank(shards: str, backbone: str, root: str) -> None:
         "exported": [str(path) for path in export.exported],
     }
     Path(root, f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def tiny_fit_modules(shards: str, backbone: str):
+    """The datamodule and VLA module every multi-process test rank trains (shared with
+    vla_fsdp.py, so the DDP and FSDP runs compare the same fit)."""
+    from agnostos.datamodules.keyframes import KeyframeDataModule
+    from agnostos.trainers.vla import VLAModule
+
+    data = KeyframeDataModule(
+        shards=shards, cameras=["front", "wrist"], image_size=32, batch_size=4,
+        num_workers=0, val_episodes_per_task=0, shuffle_buffer=8, shuffle_initial=4,
+    )  # fmt: skip
+    module = VLAModule(
+        backbone=backbone, image_size=32, lora_r=8, lora_alpha=16, lora_dropout=0.1,
+        learning_rate=3e-3,
+    )  # fmt: skip
+    return data, module
 
 
 if __name__ == "__main__":

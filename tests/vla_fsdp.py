@@ -28,9 +28,8 @@ def run_rank(shards: str, backbone: str, root: str, name: str, steps: int, resum
     from lightning.pytorch.strategies import FSDPStrategy
     from safetensors.torch import save_file
     from torch.distributed.fsdp import FullyShardedDataParallel
+    from vla_ddp import tiny_fit_modules  # this script's folder is on sys.path
 
-    from agnostos.datamodules.keyframes import KeyframeDataModule
-    from agnostos.trainers.vla import VLAModule
     from agnostos.trainers.vla_export import VLAExport
 
     class CPUFSDPStrategy(FSDPStrategy):
@@ -47,14 +46,7 @@ def run_rank(shards: str, backbone: str, root: str, name: str, steps: int, resum
     fsdp = name == "fsdp"
     L.seed_everything(0, verbose=False)  # as `agnostos fit` does: one LoRA init on all ranks
     strategy = CPUFSDPStrategy(process_group_backend="gloo") if fsdp else "ddp"
-    data = KeyframeDataModule(
-        shards=shards, cameras=["front", "wrist"], image_size=32, batch_size=4,
-        num_workers=0, val_episodes_per_task=0, shuffle_buffer=8, shuffle_initial=4,
-    )  # fmt: skip
-    module = VLAModule(
-        backbone=backbone, image_size=32, lora_r=8, lora_alpha=16, lora_dropout=0.1,
-        learning_rate=3e-3,
-    )  # fmt: skip
+    data, module = tiny_fit_modules(shards, backbone)
     export = VLAExport()
     checkpoints = ModelCheckpoint(
         dirpath=Path(root, "checkpoints"), save_top_k=-1, every_n_epochs=1,

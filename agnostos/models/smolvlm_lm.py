@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from agnostos.models.tiny_vla import TINY_SMOLLM2, save_model_dir
+from agnostos.models.tiny_vla import TINY_SMOLLM2, built_with, save_model_dir
 
 __all__ = [
     "IMAGE_TOKENS",
@@ -123,13 +123,8 @@ def build_smolvlm_from_smollm2(
     source = Path(smollm2_dir) if smollm2_dir is not None else ensure_smollm2()
     out = Path(directory)
     spec = _spec(source, seed, image_size, patch_size, vision_layers, vision_hidden)
-    marker = out / MARKER
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()) == spec:
-                return out
-        except (OSError, ValueError):
-            pass
+    if built_with(out / MARKER, spec):
+        return out
     tokenizer = _tokenizer(source)
     text = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     text_config = text.config.to_dict()

@@ -234,13 +234,8 @@ def build_tiny_vla(
     texts = tuple(texts)
     out = Path(directory)
     spec = _spec(family, texts, seed, image_size, patch_size)
-    marker = out / MARKER
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()) == spec:
-                return out
-        except (OSError, ValueError):
-            pass
+    if built_with(out / MARKER, spec):
+        return out
     tokenizer = _tokenizer(family, texts, vocab_size)
     build = _qwen if family == "qwen2_5_vl" else _smolvlm
     torch.manual_seed(seed)
@@ -251,6 +246,14 @@ def build_tiny_vla(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = None
     return save_model_dir(out, model, tokenizer, processor, MARKER, spec)
+
+
+def built_with(marker: Path, spec: dict) -> bool:
+    """Whether a model directory's marker file records exactly this build (reuse it)."""
+    try:
+        return marker.is_file() and json.loads(marker.read_text()) == spec
+    except (OSError, ValueError):
+        return False
 
 
 def save_model_dir(
